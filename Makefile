@@ -1,0 +1,43 @@
+# The two commands a user needs: `make demo` and `make test`. Both create or refresh .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast lint format bench lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(PY) -m launch.demo
+
+test: venv
+	$(PY) -m pytest
+
+test-fast: venv  ## everything except tests marked slow
+	$(PY) -m pytest -m "not slow"
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: venv
+	$(PY) benchmarks/cdgc_module.py --json benchmarks/results/cdgc_module.json
+	$(PY) benchmarks/data_pipeline.py --json benchmarks/results/data_pipeline.json
+
+lock: venv  ## re-pin constraints.txt from the current .venv
+	$(PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+[a-z0-9]+/\1/' > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

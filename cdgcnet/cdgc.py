@@ -1,0 +1,341 @@
+"""Class-wise dynamic graph convolution (CDGC) module (Hu et al., ECCV 2020, sec. 3.3).
+
+Legend: B batch, C channels, M classes, H x W feature grid, N = H*W nodes per image,
+G graph groups (M, or 1 for plain-GCN), T number of (image, class, node) memberships.
+
+What forward computes, given X (B, C, H, W) and coarse logits P (B, M, H, W):
+
+1. Node sets V_m (``node_sets``), computed without grad and outside any checkpointed region,
+   so a checkpoint recompute sees the same Bernoulli sample.
+   - eval mode, and graph="sim" in training: V_m = C_m = [argmax P == m]; a pixel is in exactly
+     one set.
+   - graph="ds" in training, eq. (4): hard negatives C_m - G_m (ignore pixels excluded), hard
+     positives G_m - C_m, and easy positives C_m & G_m kept with probability ``ratio``; ``parts``
+     selects which of the three are used. G is the target resized to H x W (nearest); ignore
+     pixels are in no G_m, so in training they are in no node set at all. One Bernoulli draw per
+     pixel (an easy positive belongs to one class only), from torch's global RNG.
+   - class_wise=False (plain-GCN, paper Table 1): one graph over all N nodes, no class split;
+     graph/ratio/parts/target play no part and coarse_logits may be None.
+2. A_m = softmax over j in V_m of phi(x_i) . phi'(x_j) (unscaled dot product, eq. 2-3), with
+   phi, phi' bias-free linear maps C -> C shared by all classes.
+3. Z_m = ReLU((A_m X_m) W_m), W_m the m-th group of a bias-free grouped 1x1 conv
+   (weight (G*C, C, 1, 1)); Z_m is zero outside V_m.
+4. R = ReLU(BN(conv1x1_{G*C -> C}(Z_1 .. Z_G))): the refined feature, returned before fusion.
+
+Two implementations share these parameters (``impl`` may be reassigned on an instance):
+
+- "dense": the literal reference, builds the (B, G, N, N) masked adjacency and the
+  (B, G*C, H, W) class maps. Only usable at small N.
+- "segmented" (default): memberships are sorted class-major into per-(class, image) segments
+  and attention runs inside each segment with ``scaled_dot_product_attention(scale=1.0)``
+  (flash / memory-efficient kernels on CUDA, the flash kernel on CPU). The per-class weights
+  are applied per class segment, and since Z_m vanishes outside V_m the aggregation conv is a
+  scatter-add of W_agg_m Z_m over memberships, so neither G x N x N nor (B, G*C, H, W) is ever
+  built: memory is O(T*C), T <= 2*B*N. One host-device sync learns the segment sizes.
+  (torch's ``varlen_attn`` is flash-only with head dim <= 256 and fp16/bf16, so C=512 cannot
+  use it; per-segment calls are used instead.)
+
+checkpoint=True runs step 2-4 up to the aggregation conv under
+``torch.utils.checkpoint.checkpoint(use_reentrant=False)``; BN stays outside so its running
+statistics are updated once per step. Gradients are identical with and without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+GRAPHS = ("sim", "ds")
+IMPLS = ("segmented", "dense")
+PARTS = ("easy", "hard_pos", "hard_neg")
+
+_WHERE = "cdgcnet/cdgc.py"
+
+
+def _error(msg: str) -> ValueError:
+    return ValueError(f"{_WHERE}: {msg}")
+
+
+@dataclass
+class _Plan:
+    """Class-major membership layout for the segmented path (index tensors carry no grad)."""
+
+    rows: Tensor  # (T,) row of each membership in the (B*N, C) node matrix
+    seg_sizes: list[int]  # (G*B) segment lengths, ordered (class, image)
+    class_sizes: list[int]  # (G) memberships per class
+
+
+class CDGCModule(nn.Module):
+    """Class-wise dynamic graph convolution; returns the refined feature R (B, C, H, W)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        graph: str = "ds",
+        ratio: float = 1.0,
+        parts: Sequence[str] = PARTS,
+        impl: str = "segmented",
+        checkpoint: bool = False,
+        class_wise: bool = True,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        if not isinstance(in_channels, int) or in_channels <= 0:
+            raise _error(f"in_channels must be a positive int, got {in_channels!r}")
+        if not isinstance(num_classes, int) or num_classes <= 0:
+            raise _error(f"num_classes must be a positive int, got {num_classes!r}")
+        if graph not in GRAPHS:
+            raise _error(f"graph must be one of {GRAPHS}, got {graph!r}")
+        if not 0.0 <= float(ratio) <= 1.0:
+            raise _error(f"ratio must lie in [0, 1], got {ratio!r}")
+        if isinstance(parts, str):
+            raise _error(
+                f"parts must be a sequence of names from {PARTS}, got the string {parts!r}"
+            )
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown or not parts:
+            raise _error(f"parts must be a non-empty subset of {PARTS}, got {tuple(parts)!r}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.graph = graph
+        self.ratio = float(ratio)
+        self.parts = tuple(p for p in PARTS if p in parts)
+        self.impl = impl
+        self.checkpoint = bool(checkpoint)
+        self.class_wise = bool(class_wise)
+        self.ignore_index = ignore_index
+        c, g = in_channels, self.num_groups
+        self.phi = nn.Linear(c, c, bias=False)
+        self.phi_prime = nn.Linear(c, c, bias=False)
+        self.graph_conv = nn.Conv2d(g * c, g * c, 1, groups=g, bias=False)  # W_m per group
+        self.aggregate = nn.Conv2d(g * c, c, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_classes if self.class_wise else 1
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if value not in IMPLS:
+            raise _error(f"impl must be one of {IMPLS}, got {value!r}")
+        self._impl = value
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+            f"graph={self.graph!r}, ratio={self.ratio}, parts={self.parts}, impl={self.impl!r}, "
+            f"checkpoint={self.checkpoint}, class_wise={self.class_wise}"
+        )
+
+    # ------------------------------------------------------------------ node sets
+
+    def node_sets(self, coarse_logits: Tensor, target: Tensor | None = None) -> Tensor:
+        """Memberships forward would use: bool (B, G, H, W) (G = M, or 1 for plain-GCN)."""
+        self._check_logits(coarse_logits, None)
+        b, _, h, w = coarse_logits.shape
+        if target is not None:
+            self._check_target(target, b)
+        nodes, n_bad = self._memberships(coarse_logits, target, b, h, w, coarse_logits.device)
+        self._raise_bad_labels(int(n_bad))
+        return nodes.view(b, -1, h, w)
+
+    def _uses_target(self) -> bool:
+        return self.class_wise and self.training and self.graph == "ds"
+
+    @torch.no_grad()
+    def _memberships(
+        self,
+        coarse_logits: Tensor | None,
+        target: Tensor | None,
+        b: int,
+        h: int,
+        w: int,
+        device: torch.device,
+    ) -> tuple[Tensor, Tensor]:
+        """(B, G, N) bool memberships and a 0-dim count of out-of-range target labels."""
+        n = h * w
+        if not self.class_wise:
+            return torch.ones(b, 1, n, dtype=torch.bool, device=device), torch.zeros(())
+        m = self.num_classes
+        pred = coarse_logits.argmax(1).view(b, n)  # (B, N)
+        coarse = F.one_hot(pred, m).transpose(1, 2).bool()  # (B, M, N)  C_m
+        if not self._uses_target():
+            return coarse, torch.zeros((), device=pred.device)
+        if target is None:
+            raise _error(
+                "graph='ds' in training needs the target (dynamic sampling uses the ground "
+                "truth); pass target, use graph='sim', or call eval()"
+            )
+        gt = self._resize_target(target, h, w).view(b, n)  # (B, N)
+        labelled = gt != self.ignore_index
+        in_range = (gt >= 0) & (gt < m)
+        n_bad = (labelled & ~in_range).sum()
+        gt_onehot = F.one_hot(torch.where(in_range, gt, m), m + 1)[..., :m]  # (B, N, M)
+        truth = gt_onehot.transpose(1, 2).bool()  # (B, M, N)  G_m
+        nodes = torch.zeros_like(coarse)
+        if "hard_neg" in self.parts:
+            nodes |= coarse & ~truth & labelled[:, None]
+        if "hard_pos" in self.parts:
+            nodes |= truth & ~coarse
+        if "easy" in self.parts and self.ratio > 0.0:
+            easy = coarse & truth
+            if self.ratio < 1.0:
+                # An easy positive is in one class only, so one draw per pixel suffices.
+                keep = torch.rand(b, 1, n, device=easy.device) < self.ratio
+                easy &= keep
+            nodes |= easy
+        return nodes, n_bad
+
+    def _resize_target(self, target: Tensor, h: int, w: int) -> Tensor:
+        target = target.long()
+        if target.shape[-2:] == (h, w):
+            return target
+        resized = F.interpolate(target[:, None].double(), size=(h, w), mode="nearest")
+        return resized[:, 0].long()
+
+    def _raise_bad_labels(self, n_bad: int) -> None:
+        if n_bad:
+            raise _error(
+                f"target holds {n_bad} pixel(s) with labels outside [0, {self.num_classes}) "
+                f"that are not the ignore index {self.ignore_index}"
+            )
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self, x: Tensor, coarse_logits: Tensor | None = None, target: Tensor | None = None
+    ) -> Tensor:
+        """x (B, C, H, W), coarse_logits (B, M, H, W), target (B, h, w) -> R (B, C, H, W)."""
+        self._check_x(x)
+        b, _, h, w = x.shape
+        if self.class_wise or coarse_logits is not None:
+            self._check_logits(coarse_logits, x)
+        if target is not None:
+            self._check_target(target, b)
+        nodes, n_bad = self._memberships(coarse_logits, target, b, h, w, x.device)  # (B, G, N)
+        if self.impl == "dense":
+            self._raise_bad_labels(int(n_bad))
+
+            def fn(inp: Tensor) -> Tensor:
+                return self._dense(inp, nodes)
+        else:
+            plan = self._plan(nodes, n_bad)
+
+            def fn(inp: Tensor) -> Tensor:
+                return self._segmented(inp, plan)
+
+        if self.checkpoint and torch.is_grad_enabled():
+            pre = _checkpoint(fn, x, use_reentrant=False)
+        else:
+            pre = fn(x)
+        return F.relu(self.bn(pre))
+
+    def _dense(self, x: Tensor, nodes: Tensor) -> Tensor:
+        """Literal reference: (B, G, N, N) adjacency and (B, G*C, H, W) class maps."""
+        b, c, h, w = x.shape
+        g = nodes.shape[1]
+        xf = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        scores = self.phi(xf) @ self.phi_prime(xf).transpose(1, 2)  # (B, N, N)
+        # An empty class would give all -inf rows (NaN); let it attend anywhere, rows zeroed below.
+        keys = nodes | ~nodes.any(-1, keepdim=True)  # (B, G, N)
+        logits = scores[:, None].masked_fill(~keys[:, :, None, :], float("-inf"))  # (B, G, N, N)
+        adj = logits.softmax(-1) * nodes[..., None]  # (B, G, N, N), zero rows outside V_m
+        y = adj @ xf[:, None]  # (B, G, N, C)
+        y = y.transpose(2, 3).reshape(b, g * c, h, w)  # (B, G*C, H, W)
+        inside = nodes.repeat_interleave(c, dim=1).view(b, g * c, h, w)
+        z = F.relu(self.graph_conv(y)) * inside  # (B, G*C, H, W), zero outside V_m
+        return self.aggregate(z)  # (B, C, H, W)
+
+    def _plan(self, nodes: Tensor, n_bad: Tensor) -> _Plan:
+        b, g, n = nodes.shape
+        by_class = nodes.transpose(0, 1).reshape(-1)  # (G*B*N,) class-major, then image, node
+        sizes = nodes.sum(-1).transpose(0, 1).reshape(-1)  # (G*B,)
+        # The one host-device sync: segment sizes (and the bad-label count riding along).
+        host = torch.cat([sizes, n_bad.to(sizes).view(1)]).tolist()
+        self._raise_bad_labels(host[-1])
+        seg_sizes = host[:-1]
+        flat = torch.nonzero_static(by_class, size=sum(seg_sizes)).squeeze(1)  # (T,)
+        rows = flat % (b * n)  # (T,) = image * N + node
+        class_sizes = [sum(seg_sizes[i * b : (i + 1) * b]) for i in range(g)]
+        return _Plan(rows=rows, seg_sizes=seg_sizes, class_sizes=class_sizes)
+
+    def _segmented(self, x: Tensor, plan: _Plan) -> Tensor:
+        """Attention inside per-(class, image) segments, then a scatter-add aggregation."""
+        b, c, h, w = x.shape
+        g = self.num_groups
+        xf = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # (B*N, C)
+        q = self.phi(xf)[plan.rows]  # (T, C)
+        k = self.phi_prime(xf)[plan.rows]  # (T, C)
+        v = xf[plan.rows]  # (T, C)
+        y = _segment_attention(q, k, v, plan.seg_sizes)  # (T, C), class-major
+        w_graph = self.graph_conv.weight.view(g, c, c)  # (G, C_out, C_in)
+        w_agg = self.aggregate.weight.view(c, g, c)  # (C_out, G, C_in)
+        # Every class's weights enter the graph (empty classes through 0-row matmuls), so each
+        # parameter gets a gradient, as in the dense path (distributed wrappers expect one).
+        contrib = [
+            F.relu(yc @ w_graph[i].t()) @ w_agg[:, i].t()
+            for i, yc in enumerate(y.split(plan.class_sizes))
+        ]
+        u = torch.cat(contrib)  # (T, C)
+        out = u.new_zeros(b * h * w, c).index_add_(0, plan.rows, u)  # (B*N, C)
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last memory
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_x(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise _error(f"x must be a (B, C, H, W) tensor, got {_shape(x)}")
+        if not x.is_floating_point():
+            raise _error(f"x must be floating point, got {x.dtype}")
+        if x.shape[1] != self.in_channels:
+            raise _error(f"x has {x.shape[1]} channels, the module expects {self.in_channels}")
+
+    def _check_logits(self, logits: Tensor | None, x: Tensor | None) -> None:
+        if not isinstance(logits, Tensor) or logits.dim() != 4:
+            raise _error(f"coarse_logits must be a (B, M, H, W) tensor, got {_shape(logits)}")
+        if logits.shape[1] != self.num_classes:
+            raise _error(
+                f"coarse_logits has {logits.shape[1]} classes, the module was built for "
+                f"num_classes={self.num_classes}"
+            )
+        if x is not None and (logits.shape[0], *logits.shape[2:]) != (x.shape[0], *x.shape[2:]):
+            raise _error(
+                f"coarse_logits {tuple(logits.shape)} does not match x {tuple(x.shape)} in "
+                "batch or spatial size"
+            )
+
+    def _check_target(self, target: Tensor, batch: int) -> None:
+        if not isinstance(target, Tensor) or target.dim() != 3:
+            raise _error(f"target must be a (B, h, w) label tensor, got {_shape(target)}")
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise _error(f"target must hold integer labels, got {target.dtype}")
+        if target.shape[0] != batch:
+            raise _error(f"target batch {target.shape[0]} does not match x batch {batch}")
+
+
+def _segment_attention(q: Tensor, k: Tensor, v: Tensor, sizes: list[int]) -> Tensor:
+    """Unscaled softmax attention inside each contiguous segment of rows; (T, C) -> (T, C)."""
+    outs = []
+    start = 0
+    for size in sizes:
+        if size:
+            sl = slice(start, start + size)
+            qs, ks, vs = q[None, None, sl], k[None, None, sl], v[None, None, sl]  # (1, 1, L, C)
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=1.0)[0, 0])
+        start += size
+    return torch.cat(outs) if outs else v
+
+
+def _shape(t: object) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__

@@ -1,0 +1,195 @@
+"""Tracker: params, metrics, tags and artifacts in a temporary SQLite MLflow store, read back."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from cdgcnet.labels import CITYSCAPES
+from cdgcnet.metrics import ConfusionMatrix
+from cdgcnet.model import build_model
+from launch.config import flatten, load_config, to_dict
+from launch.tracking import MAX_PARAM_LEN, Tracker, resolve_tracking_uri
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One SQLite store for the module (creating one runs MLflow's migrations, a few seconds)."""
+    return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+
+
+def _cfg(store: Path, *overrides: str):
+    return load_config(
+        "scenes",
+        [
+            f"logging.tracking_uri=sqlite:///{store}",
+            "model.channels=16",
+            "model.aux=false",
+            *overrides,
+        ],
+    )
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def _cm() -> ConfusionMatrix:
+    cm = ConfusionMatrix(19)
+    target = torch.tensor([0, 0, 0, 1, 1, 2, 255, 2])
+    pred = torch.tensor([0, 0, 1, 1, 1, 2, 0, 0])
+    cm.update(pred, target)
+    return cm
+
+
+def test_full_run_is_readable_back(store, tmp_path):
+    cfg = _cfg(store, "logging.experiment=full", "logging.tags={table: t2, note: x}")
+    ds_config = {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.0}
+    tracker = Tracker(cfg, enabled=True)
+    run_id = tracker.start(run_name="trial", ds_config=ds_config)
+    assert run_id is not None
+    tracker.log_metrics({"loss/total": 1.5, "loss/coarse": torch.tensor(0.25), "lr": 0.01}, step=3)
+    tracker.log_metrics({"loss/total": 1.0, "skipped": None}, step=4)
+    cm = _cm()
+    tracker.log_evaluation(cm, CITYSCAPES.class_names, step=4)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    h, w = 32, 48
+    sample = {
+        "key": "aachen_000000_000019",
+        "image": torch.randn(1, 3, h, w),
+        "label": torch.randint(0, 3, (1, h, w)),
+        "image_uint8": np.zeros((h, w, 3), np.uint8),
+    }
+    tracker.log_pictures(model, [sample], cfg, step=4)
+    tracker.end()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "trial"
+    assert client.get_experiment(run.info.experiment_id).name == "full"
+    # The experiment keeps its artifacts beside the database, not in the working directory.
+    assert run.info.artifact_uri.startswith((store.parent / "mlartifacts" / "full").as_uri())
+    assert run.data.params == flatten(cfg)
+    tags = run.data.tags
+    assert tags["variant"] == "aspp+cdgc-ds" and tags["graph"] == "ds" and tags["ratio"] == "1.0"
+    assert tags["fusion"] == "concat" and tags["table"] == "t2" and tags["note"] == "x"
+    assert tags["kind"] == "training" and tags["dataset"] == "cityscapes"
+    m = run.data.metrics
+    assert m["loss/total"] == 1.0 and m["loss/coarse"] == 0.25 and m["lr"] == 0.01
+    assert "skipped" not in m
+    hist = client.get_metric_history(run_id, "loss/total")
+    assert sorted((x.step, x.value) for x in hist) == [(3, 1.5), (4, 1.0)]
+    iou = cm.iou()
+    assert m["val/miou"] == pytest.approx(cm.miou())
+    assert m["val/pixel_accuracy"] == pytest.approx(5 / 7)
+    assert m["val/iou/road"] == pytest.approx(iou[0]) and m["val/iou/road"] == pytest.approx(0.5)
+    assert m["val/iou/sidewalk"] == pytest.approx(2 / 3)
+    assert "val/iou/car" not in m  # absent class: NaN IoU is not logged
+
+    arts = _artifacts(client, run_id)
+    for a in (
+        "config.yaml",
+        "deepspeed_config.json",
+        "val/step_0000004/iou.md",
+        "val/step_0000004/iou.csv",
+        "val/step_0000004/confusion.csv",
+        "val/step_0000004/confusion.png",
+        "pictures/step_0000004/00_aachen_000000_000019_prediction.png",
+        "pictures/step_0000004/00_aachen_000000_000019_sampling.png",
+        "pictures/step_0000004/00_aachen_000000_000019_features.png",
+    ):
+        assert a in arts, (a, sorted(arts))
+    local = Path(client.download_artifacts(run_id, "", str(tmp_path)))
+    assert yaml.safe_load((local / "config.yaml").read_text()) == to_dict(cfg)
+    rows = list(csv.DictReader(io.StringIO((local / "val/step_0000004/iou.csv").read_text())))
+    assert len(rows) == 19 and rows[0]["class"] == "road"
+    assert float(rows[2]["iou"]) == pytest.approx(iou[2]) and rows[5]["iou"] == ""
+    assert "| 0 | road | 0.5000 | 3 |" in (local / "val/step_0000004/iou.md").read_text()
+    pic = cv2.imread(str(local / "pictures/step_0000004/00_aachen_000000_000019_prediction.png"))
+    assert pic.shape == (h, 4 * w, 3)
+    assert cv2.imread(str(local / "val/step_0000004/confusion.png")) is not None
+
+
+def test_long_params_are_cut_and_changed_params_do_not_fail_a_resume(store):
+    cfg = _cfg(store, "logging.experiment=resume", "logging.tags={long: " + "y" * 7000 + "}")
+    tracker = Tracker(cfg, enabled=True)
+    run_id = tracker.start()
+    tracker.end("KILLED")
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    long_value = client.get_run(run_id).data.params["logging.tags"]
+    assert len(long_value) == MAX_PARAM_LEN and long_value.endswith("full value in config.yaml]")
+
+    resumed_cfg = _cfg(store, "logging.experiment=resume", "optim.lr=0.5")
+    again = Tracker(resumed_cfg, enabled=True)
+    assert again.start(resume_run_id=run_id) == run_id
+    again.log_metrics({"x": 2.0}, step=1)
+    again.end()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == str(cfg.optim.lr)  # params are immutable
+    assert run.data.tags["changed_param.optim.lr"] == "0.5"
+    assert run.data.metrics["x"] == 2.0
+
+
+def test_nested_under_parent_and_interleaved_trackers(store):
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    exp = client.create_experiment("sweep")
+    parent = client.create_run(exp, run_name="parent").info.run_id
+    cfg_a = _cfg(
+        store, "logging.experiment=sweep", f"logging.parent_run_id={parent}", "model.ratio=0.5"
+    )
+    cfg_b = _cfg(
+        store, "logging.experiment=sweep", f"logging.parent_run_id={parent}", "model.ratio=0.25"
+    )
+    a, b = Tracker(cfg_a, enabled=True), Tracker(cfg_b, enabled=True)
+    id_a, id_b = a.start(), b.start()
+    a.log_metrics({"val/miou": 0.1}, step=1)
+    b.log_metrics({"val/miou": 0.2}, step=1)
+    b.end()
+    a.end()
+    for run_id, ratio, miou in ((id_a, "0.5", 0.1), (id_b, "0.25", 0.2)):
+        run = client.get_run(run_id)
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.tags["ratio"] == ratio and run.data.metrics["val/miou"] == miou
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert {r.info.run_id for r in children} == {id_a, id_b}
+
+
+def test_disabled_tracker_is_a_no_op(tmp_path):
+    db = tmp_path / "never.db"
+    cfg = _cfg(db)
+    tracker = Tracker(cfg, enabled=False)
+    assert tracker.start(ds_config={"a": 1}) is None
+    tracker.log_metrics({"a": 1.0}, step=0)
+    tracker.log_evaluation(_cm(), CITYSCAPES.class_names, step=0)
+    tracker.log_text("x", "x.txt")
+    tracker.log_dict({"a": 1}, "a.json")
+    tracker.log_pictures(None, [{"key": "k"}], cfg, step=0)
+    tracker.end()
+    assert tracker.run_id is None and not db.exists()
+    # logging.enabled=false switches it off on rank 0 too.
+    assert Tracker(_cfg(db, "logging.enabled=false"), enabled=True).start() is None
+    assert not db.exists()
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    cfg = load_config("scenes")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(cfg) == "http://127.0.0.1:5000"
+    cfg.logging.tracking_uri = "sqlite:////data/x.db"
+    assert resolve_tracking_uri(cfg) == "sqlite:////data/x.db"

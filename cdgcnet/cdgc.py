@@ -279,13 +279,14 @@ class CDGCModule(nn.Module):
         k = self.phi_prime(xf)[plan.rows]  # (T, C)
         v = xf[plan.rows]  # (T, C)
         y = _segment_attention(q, k, v, plan.seg_sizes)  # (T, C), class-major
-        w_graph = self.graph_conv.weight.view(g, c, c)  # (G, C_out, C_in)
-        w_agg = self.aggregate.weight.view(c, g, c)  # (C_out, G, C_in)
+        # unbind (not indexing) so that backward stacks the per-class weight gradients once.
+        w_graph = self.graph_conv.weight.view(g, c, c).unbind(0)  # G x (C_out, C_in)
+        w_agg = self.aggregate.weight.view(c, g, c).unbind(1)  # G x (C_out, C_in)
         # Every class's weights enter the graph (empty classes through 0-row matmuls), so each
         # parameter gets a gradient, as in the dense path (distributed wrappers expect one).
         contrib = [
-            F.relu(yc @ w_graph[i].t()) @ w_agg[:, i].t()
-            for i, yc in enumerate(y.split(plan.class_sizes))
+            F.relu(yc @ wg.t()) @ wa.t()
+            for yc, wg, wa in zip(y.split(plan.class_sizes), w_graph, w_agg, strict=True)
         ]
         u = torch.cat(contrib)  # (T, C)
         out = u.new_zeros(b * h * w, c).index_add_(0, plan.rows, u)  # (B*N, C)
@@ -326,15 +327,14 @@ class CDGCModule(nn.Module):
 
 def _segment_attention(q: Tensor, k: Tensor, v: Tensor, sizes: list[int]) -> Tensor:
     """Unscaled softmax attention inside each contiguous segment of rows; (T, C) -> (T, C)."""
-    outs = []
-    start = 0
-    for size in sizes:
-        if size:
-            sl = slice(start, start + size)
-            qs, ks, vs = q[None, None, sl], k[None, None, sl], v[None, None, sl]  # (1, 1, L, C)
-            outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=1.0)[0, 0])
-        start += size
-    return torch.cat(outs) if outs else v
+    # split (not slicing) so that backward concatenates the segment gradients once, instead of
+    # writing each into its own zero-filled (T, C) tensor.
+    outs = [
+        F.scaled_dot_product_attention(qs[None, None], ks[None, None], vs[None, None], scale=1.0)
+        for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes), strict=True)
+        if qs.shape[0]
+    ]  # (1, 1, L, C) each
+    return torch.cat(outs, dim=2)[0, 0] if outs else v
 
 
 def _shape(t: object) -> str:

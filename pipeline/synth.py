@@ -554,8 +554,10 @@ class VocPlan:
         sbd_only = ids[n_train + n_val :]
         # SBD covers half of VOC train, half of VOC val (these must be dropped from train_aug)
         # and images VOC segmentation does not annotate; both SBD splits hold some VOC val ids.
-        sbd = sorted(voc_train[::2] + voc_val[::2] + sbd_only)
-        sbd_train, sbd_val = sbd[::3] + sbd[1::3], sbd[2::3]
+        others = sorted(voc_train[::2] + sbd_only)
+        val_in_sbd = voc_val[::2]
+        sbd_train = others[::3] + others[1::3] + val_in_sbd[0::2]
+        sbd_val = others[2::3] + val_in_sbd[1::2]
         plan = cls(voc_train, voc_val, sorted(sbd_train), sorted(sbd_val))
         plan.train_aug = sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - set(voc_val))
         return plan

@@ -1,0 +1,226 @@
+"""Exported fp32 model files (``model.pt``) and loading any checkpoint for evaluation/inference.
+
+An export is ``torch.save({"model": state_dict, "config": cfg_dict, "format": FORMAT})`` where
+``cfg_dict`` is the resolved training config as a plain dict (its "model" entry builds the net).
+It is read back with ``torch.load(weights_only=True)`` only.
+
+``load_checkpoint`` also accepts a DeepSpeed checkpoint directory (the folder holding ``latest``
+and the tag folders, or one tag folder): the ZeRO partitions are consolidated to fp32 with
+``deepspeed.utils.zero_to_fp32`` and the config is read from the run directory's ``config.json``
+(or ``config.yaml``), else from the checkpoint's client state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cdgcnet.config import ModelConfig
+
+FORMAT = "cdgcnet-export-v1"
+_MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or export that cannot be used; the message names the file and the reason."""
+
+
+def save_exported(
+    model_state_dict: dict,
+    cfg_dict: dict,
+    path: str | os.PathLike,
+    *,
+    meta: dict | None = None,
+) -> None:
+    """Write an fp32 export atomically (temporary file in the same folder, then rename).
+
+    meta: optional plain values kept beside the weights, e.g. {"iteration": 30000, "miou": 0.8}.
+    """
+    path = Path(path)
+    if "model" not in cfg_dict or not isinstance(cfg_dict["model"], dict):
+        raise CheckpointError(f"{path}: cfg_dict must hold the model config under 'model'")
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model_state_dict.items()}
+    payload = {"model": state, "config": _plain(cfg_dict), "format": FORMAT}
+    if meta:
+        payload["meta"] = _plain(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Build the model from an export and load its weights: (model in eval mode, cfg_dict)."""
+    payload = _read_export(Path(path))
+    model = model_from_state(payload["model"], payload["config"], source=path)
+    return model, payload["config"]
+
+
+def _read_export(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such export file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: not a cdgcnet export (torch.load(weights_only=True) failed: {e})"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"{path}: not a cdgcnet export (format {found!r}, expected {FORMAT!r})"
+        )
+    for key in ("model", "config"):
+        if not isinstance(payload.get(key), dict):
+            raise CheckpointError(f"{path}: export has no {key!r} dict")
+    return payload
+
+
+def model_from_state(state_dict: dict, cfg_dict: dict, *, source: str | os.PathLike) -> nn.Module:
+    """Build CDGCNet from cfg_dict["model"] and load state_dict strictly (named errors)."""
+    from cdgcnet.model import build_model
+
+    model = build_model(model_config_from_dict(cfg_dict, source=source))
+    result = model.load_state_dict(state_dict, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys {_some(result.missing_keys)}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys {_some(result.unexpected_keys)}")
+    if problems:
+        raise CheckpointError(
+            f"{source}: weights do not fit the model config: {'; '.join(problems)}"
+        )
+    return model.eval()
+
+
+def model_config_from_dict(cfg_dict: dict, *, source: str | os.PathLike) -> ModelConfig:
+    """ModelConfig from a resolved config dict; pretrained is dropped (the weights are here)."""
+    model = cfg_dict.get("model") if isinstance(cfg_dict, dict) else None
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{source}: config has no 'model' section")
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(model) - names)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown model config keys {unknown}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
+    kwargs["pretrained"] = None
+    try:
+        return ModelConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid model config: {e}") from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict, int | None]:
+    """A model.pt export or a DeepSpeed checkpoint dir -> (model, cfg_dict, iteration or None)."""
+    path = Path(path)
+    if path.is_file():
+        payload = _read_export(path)
+        model = model_from_state(payload["model"], payload["config"], source=path)
+        meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
+        return model, payload["config"], _int_or_none(meta.get("iteration"))
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    ckpt_dir, tag = _deepspeed_dir_and_tag(path)
+    cfg, iteration = _deepspeed_config(ckpt_dir, tag)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    except Exception as e:  # DeepSpeed raises bare ValueError/FileNotFoundError/KeyError
+        raise CheckpointError(
+            f"{ckpt_dir / tag}: cannot consolidate the ZeRO checkpoint: {e}"
+        ) from e
+    model = model_from_state(state, cfg, source=ckpt_dir / tag)
+    return model, cfg, iteration
+
+
+def _deepspeed_dir_and_tag(path: Path) -> tuple[Path, str]:
+    if (path / _MODEL_STATES).is_file():  # a tag folder
+        return path.parent, path.name
+    latest = path / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if not (path / tag / _MODEL_STATES).is_file():
+            raise CheckpointError(
+                f"{latest}: names tag {tag!r} but {path / tag} holds no {_MODEL_STATES}"
+            )
+        return path, tag
+    raise CheckpointError(
+        f"{path}: not a DeepSpeed checkpoint (no {_MODEL_STATES} and no 'latest' file)"
+    )
+
+
+def _deepspeed_config(ckpt_dir: Path, tag: str) -> tuple[dict, int | None]:
+    """Config and iteration: run dir config.json/yaml first, then the client state."""
+    client = _client_state(ckpt_dir / tag / _MODEL_STATES)
+    iteration = _int_or_none(client.get("iteration")) if client else None
+    if client and isinstance(client.get("config"), dict):
+        return client["config"], iteration
+    for folder in (ckpt_dir, ckpt_dir.parent, ckpt_dir.parent.parent):
+        for name in ("config.json", "config.yaml"):
+            f = folder / name
+            if f.is_file():
+                return _read_config_file(f), iteration
+    raise CheckpointError(
+        f"{ckpt_dir / tag}: no config found (neither 'config' in the client state nor a "
+        f"config.json / config.yaml in the run directory)"
+    )
+
+
+def _client_state(file: Path) -> dict | None:
+    """The model-states file with weights_only=True; None when it holds non-tensor objects."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # e.g. numpy RNG states in the client state: not loadable safely
+    return state if isinstance(state, dict) else None
+
+
+def _read_config_file(f: Path) -> dict:
+    try:
+        if f.suffix == ".json":
+            data = json.loads(f.read_text())
+        else:
+            import yaml
+
+            data = yaml.safe_load(f.read_text())
+    except Exception as e:
+        raise CheckpointError(f"{f}: cannot parse the config: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{f}: config is not a mapping")
+    return data
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists recursively, so the dict loads with weights_only=True and dumps to YAML."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _some(keys: list[str], n: int = 5) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _int_or_none(v: Any) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None

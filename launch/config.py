@@ -1,0 +1,648 @@
+"""Typed training configuration, the paper's presets, file loading and key=value overrides.
+
+One TrainConfig describes a whole run. A preset is a function that states its values; a YAML or
+JSON file may name a preset (`preset: cityscapes`) and change some fields; `key=value` overrides
+on the command line use dotted names (`optim.lr=0.02`, `model.depth=50`, `eval.scales=[1.0,1.5]`).
+Every field is checked in `__post_init__`, so a bad value fails where it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cdgcnet.config import ModelConfig, model_preset
+
+DATASETS = ("cityscapes", "voc", "cocostuff")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+EVAL_MODES = ("whole", "slide")
+
+
+class ConfigError(ValueError):
+    """A bad config value, key or file; the message names which."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how training batches are made."""
+
+    root: str = "shards/cityscapes"
+    """Shard set folder holding <split>/manifest.json."""
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: int = 769
+    """Square training crop (pixels)."""
+    batch_size: int = 2
+    """Images per rank per micro-step."""
+    global_batch_size: int | None = 8
+    """Images per optimizer step over all ranks (the paper's batch); gradient accumulation makes
+    up the difference. None: batch_size x world size (no accumulation)."""
+    num_workers: int = 2
+    """Decoding worker processes per rank."""
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    jitter: bool = False
+    on_corrupt: str = "raise"
+    """What the reader does with a corrupt sample: "raise" | "skip"."""
+
+    def __post_init__(self) -> None:
+        self.scale_range = tuple(float(s) for s in self.scale_range)  # type: ignore[assignment]
+        _require(
+            _is_int(self.crop_size) and self.crop_size >= 8,
+            f"data.crop_size must be an int >= 8, got {self.crop_size!r}",
+        )
+        _require(
+            _is_int(self.batch_size) and self.batch_size >= 1,
+            f"data.batch_size must be an int >= 1, got {self.batch_size!r}",
+        )
+        _require(
+            self.global_batch_size is None
+            or (_is_int(self.global_batch_size) and self.global_batch_size >= 1),
+            f"data.global_batch_size must be null or an int >= 1, got {self.global_batch_size!r}",
+        )
+        _require(
+            _is_int(self.num_workers) and self.num_workers >= 0,
+            f"data.num_workers must be an int >= 0, got {self.num_workers!r}",
+        )
+        lo, hi = self.scale_range if len(self.scale_range) == 2 else (0.0, -1.0)
+        _require(0 < lo <= hi, f"data.scale_range must be (lo, hi) with 0 < lo <= hi, got {lo, hi}")
+        _require(
+            self.on_corrupt in ("raise", "skip"),
+            f"data.on_corrupt must be 'raise' or 'skip', got {self.on_corrupt!r}",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum; the heads may learn faster than the backbone."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    head_lr_mult: float = 1.0
+    """LR multiplier of the heads (ASPP, CDGC, classifiers) over the backbone."""
+    nesterov: bool = False
+    grad_clip: float = 0.0
+    """Max gradient norm; 0 disables clipping (written explicitly into the DeepSpeed config)."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "weight_decay", "head_lr_mult", "grad_clip"):
+            v = getattr(self, name)
+            _require(_is_num(v) and v >= 0, f"optim.{name} must be a number >= 0, got {v!r}")
+            setattr(self, name, float(v))
+        _require(self.lr > 0, "optim.lr must be > 0")
+
+
+@dataclass
+class LossConfig:
+    """Eq. (5): alpha * CE(coarse) + beta * OHEM-CE(refined) + gamma * CE(aux)."""
+
+    alpha: float = 0.6
+    beta: float = 0.7
+    gamma: float = 0.4
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "gamma", "ohem_thresh"):
+            v = getattr(self, name)
+            _require(_is_num(v) and v >= 0, f"loss.{name} must be a number >= 0, got {v!r}")
+            setattr(self, name, float(v))
+        _require(
+            _is_int(self.ohem_min_kept) and self.ohem_min_kept >= 0,
+            f"loss.ohem_min_kept must be an int >= 0, got {self.ohem_min_kept!r}",
+        )
+
+
+@dataclass
+class ScheduleConfig:
+    """Iteration-based poly schedule: lr * (1 - it / iterations) ** power after a linear warmup."""
+
+    iterations: int = 30_000
+    power: float = 0.9
+    warmup_iters: int = 0
+    warmup_factor: float = 0.1
+    """LR at iteration 0 of the warmup, as a fraction of the poly LR."""
+
+    def __post_init__(self) -> None:
+        _require(
+            _is_int(self.iterations) and self.iterations >= 1,
+            f"schedule.iterations must be an int >= 1, got {self.iterations!r}",
+        )
+        _require(
+            _is_num(self.power) and self.power >= 0,
+            f"schedule.power must be a number >= 0, got {self.power!r}",
+        )
+        self.power = float(self.power)
+        _require(
+            _is_int(self.warmup_iters) and 0 <= self.warmup_iters < self.iterations,
+            f"schedule.warmup_iters must be an int in [0, iterations), got {self.warmup_iters!r}",
+        )
+        _require(
+            _is_num(self.warmup_factor) and 0 < self.warmup_factor <= 1,
+            f"schedule.warmup_factor must be in (0, 1], got {self.warmup_factor!r}",
+        )
+        self.warmup_factor = float(self.warmup_factor)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during and after training."""
+
+    mode: str = "whole"
+    """"whole" image or "slide" (sliding window of crop x crop with stride)."""
+    crop: int = 769
+    stride: int = 513
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    every: int = 5000
+    """Evaluate every this many iterations (0: only at the end)."""
+    num_pictures: int = 4
+    """Validation images drawn as overlays / Fig. 4 / Fig. 6 pictures at each evaluation."""
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(float(s) for s in self.scales)
+        _require(
+            self.mode in EVAL_MODES, f"eval.mode must be one of {EVAL_MODES}, got {self.mode!r}"
+        )
+        _require(
+            _is_int(self.crop) and self.crop >= 8,
+            f"eval.crop must be an int >= 8, got {self.crop!r}",
+        )
+        _require(
+            _is_int(self.stride) and self.stride >= 1,
+            f"eval.stride must be an int >= 1, got {self.stride!r}",
+        )
+        _require(
+            len(self.scales) > 0 and all(s > 0 for s in self.scales),
+            f"eval.scales must be positive numbers, got {self.scales!r}",
+        )
+        _require(
+            _is_int(self.every) and self.every >= 0,
+            f"eval.every must be an int >= 0, got {self.every!r}",
+        )
+        _require(
+            _is_int(self.num_pictures) and self.num_pictures >= 0,
+            f"eval.num_pictures must be an int >= 0, got {self.num_pictures!r}",
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    """DeepSpeed checkpoints under <run_dir>/checkpoints/."""
+
+    every: int = 2000
+    """Save every this many iterations (0: only at the end)."""
+    keep: int = 3
+    """Keep the newest this many complete checkpoints."""
+
+    def __post_init__(self) -> None:
+        _require(
+            _is_int(self.every) and self.every >= 0,
+            f"checkpoint.every must be an int >= 0, got {self.every!r}",
+        )
+        _require(
+            _is_int(self.keep) and self.keep >= 1,
+            f"checkpoint.keep must be an int >= 1, got {self.keep!r}",
+        )
+
+
+@dataclass
+class RuntimeConfig:
+    """Where the run lives, precision, ZeRO stage and the fault-injection switches."""
+
+    run_dir: str = "runs/cityscapes"
+    seed: int = 0
+    precision: str = "auto"
+    """"auto" (bf16 autocast on GPUs that have it, else fp16; fp32 on CPU) | fp32 | bf16 | fp16."""
+    zero_stage: int = 2
+    sync_bn: bool = True
+    """SyncBatchNorm across ranks when the world has more than one rank."""
+    max_nonfinite: int = 5
+    """Stop with an error after this many non-finite losses in a row (each one skips its step)."""
+    inject_nonfinite_at: tuple[int, ...] = ()
+    """Test switch: make the loss NaN at these iterations."""
+    fail_once_at: int | None = None
+    """Test switch: raise RuntimeError once at this iteration (a marker in run_dir remembers)."""
+    kill_at: int | None = None
+    """Test switch: SIGKILL every rank right after this iteration (and its checkpoint)."""
+    crash_in_save_at: int | None = None
+    """Test switch: SIGKILL every rank inside the checkpoint save of this iteration."""
+    cpu_shm_comm: bool = False
+    """Use DeepSpeed's shared-memory CPU all-reduce op (JIT-compiled on first use, ~2.5 min)."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+    def __post_init__(self) -> None:
+        self.inject_nonfinite_at = tuple(int(i) for i in self.inject_nonfinite_at)
+        _require(
+            isinstance(self.run_dir, str) and self.run_dir != "", "runtime.run_dir must be a path"
+        )
+        _require(_is_int(self.seed), f"runtime.seed must be an int, got {self.seed!r}")
+        _require(
+            self.precision in PRECISIONS,
+            f"runtime.precision must be one of {PRECISIONS}, got {self.precision!r}",
+        )
+        _require(
+            self.zero_stage in (0, 1, 2, 3),
+            f"runtime.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}",
+        )
+        _require(
+            _is_int(self.max_nonfinite) and self.max_nonfinite >= 1,
+            f"runtime.max_nonfinite must be an int >= 1, got {self.max_nonfinite!r}",
+        )
+        for name in ("fail_once_at", "kill_at", "crash_in_save_at"):
+            v = getattr(self, name)
+            _require(
+                v is None or (_is_int(v) and v >= 1),
+                f"runtime.{name} must be null or an iteration >= 1, got {v!r}",
+            )
+
+
+@dataclass
+class LoggingConfig:
+    """MLflow (rank 0 only) and the console."""
+
+    tracking_uri: str | None = None
+    """None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    experiment: str | None = None
+    """None: the dataset name."""
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    """Grouping tags (variant, table, ...)."""
+    parent_run_id: str | None = None
+    """Nest the MLflow run under this parent run."""
+    every: int = 10
+    """Log training metrics every this many iterations."""
+    enabled: bool = True
+    """False: no MLflow at all (losses still go to <run_dir>/metrics.jsonl)."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.tags, dict), f"logging.tags must be a mapping, got {self.tags!r}")
+        self.tags = {str(k): str(v) for k, v in self.tags.items()}
+        _require(
+            _is_int(self.every) and self.every >= 1,
+            f"logging.every must be an int >= 1, got {self.every!r}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """One training run."""
+
+    name: str = "cityscapes"
+    """Preset name the config started from."""
+    dataset: str = "cityscapes"
+    """Label set: "cityscapes" | "voc" | "cocostuff" (cdgcnet.labels.LABEL_SPECS)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}"
+        )
+
+
+# ---------------------------------------------------------------- presets (paper section 4.2)
+
+
+def _cityscapes() -> TrainConfig:
+    model = model_preset("cityscapes").replace(checkpoint=True)
+    return TrainConfig(
+        name="cityscapes",
+        dataset="cityscapes",
+        model=model,
+        data=DataConfig(
+            root="shards/cityscapes",
+            train_split="train",
+            val_split="val",
+            crop_size=769,
+            batch_size=2,
+            global_batch_size=8,
+        ),
+        optim=OptimConfig(lr=0.01, momentum=0.9, weight_decay=5e-4),
+        schedule=ScheduleConfig(iterations=30_000, power=0.9),
+        eval=EvalConfig(mode="slide", crop=769, stride=513, every=5000),
+        runtime=RuntimeConfig(run_dir="runs/cityscapes"),
+    )
+
+
+def _voc() -> TrainConfig:
+    model = model_preset("voc").replace(checkpoint=True)
+    return TrainConfig(
+        name="voc",
+        dataset="voc",
+        model=model,
+        data=DataConfig(
+            root="shards/voc",
+            train_split="train_aug",
+            val_split="val",
+            crop_size=513,
+            batch_size=4,
+            global_batch_size=16,
+        ),
+        optim=OptimConfig(lr=0.001, momentum=0.9, weight_decay=1e-4),
+        schedule=ScheduleConfig(iterations=30_000, power=0.9),
+        eval=EvalConfig(mode="whole", crop=513, stride=342, every=5000),
+        runtime=RuntimeConfig(run_dir="runs/voc"),
+    )
+
+
+def _cocostuff(name: str, train: str, val: str) -> TrainConfig:
+    model = model_preset("cocostuff").replace(checkpoint=True)
+    return TrainConfig(
+        name=name,
+        dataset="cocostuff",
+        model=model,
+        data=DataConfig(
+            root=f"shards/{name}",
+            train_split=train,
+            val_split=val,
+            crop_size=520,
+            batch_size=4,
+            global_batch_size=16,
+        ),
+        optim=OptimConfig(lr=0.001, momentum=0.9, weight_decay=1e-4),
+        schedule=ScheduleConfig(iterations=60_000, power=0.9),
+        eval=EvalConfig(mode="whole", crop=520, stride=347, every=10_000),
+        runtime=RuntimeConfig(run_dir=f"runs/{name}"),
+    )
+
+
+def _scenes() -> TrainConfig:
+    """The embedded default: the synthetic `scenes` set, ResNet-18, CPU, 2 ranks (make demo)."""
+    model = model_preset("cpu_small").replace(output_stride=8, dropout=0.0)
+    return TrainConfig(
+        name="scenes",
+        dataset="cityscapes",
+        model=model,
+        data=DataConfig(
+            root="shards/scenes",
+            train_split="train",
+            val_split="val",
+            crop_size=96,
+            batch_size=4,
+            global_batch_size=None,
+            num_workers=1,
+            scale_range=(0.75, 1.25),
+        ),
+        optim=OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4, head_lr_mult=10.0),
+        loss=LossConfig(ohem_min_kept=4096),
+        schedule=ScheduleConfig(iterations=300, power=0.9, warmup_iters=10),
+        eval=EvalConfig(mode="whole", crop=96, stride=64, every=0, num_pictures=2),
+        checkpoint=CheckpointConfig(every=100, keep=2),
+        runtime=RuntimeConfig(run_dir="runs/scenes", zero_stage=2),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
+    "cityscapes": _cityscapes,
+    "voc": _voc,
+    "cocostuff10k": lambda: _cocostuff("cocostuff10k", "train", "test"),
+    "cocostuff164k": lambda: _cocostuff("cocostuff164k", "train", "val"),
+    "scenes": _scenes,
+}
+
+
+def preset(name: str) -> TrainConfig:
+    """A fresh TrainConfig of one preset."""
+    if name not in PRESETS:
+        raise ConfigError(
+            f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or give a .yaml/.json file"
+        )
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------- dict <-> config
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples become lists), fit for YAML/JSON."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/JSON value to the field's type; ConfigError naming the key otherwise."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        last: Exception | None = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                last = e
+        raise last or ConfigError(f"{key}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if _is_int(value):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if _is_num(value):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key} must have {len(args)} items, got {value!r}")
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    return value
+
+
+def _build(cls: type, d: dict, prefix: str, base: Any = None) -> Any:
+    """Instantiate dataclass `cls` from dict `d` on top of `base` (or defaults)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key(s) {[where + k for k in unknown]}; "
+            f"{cls.__name__} has {sorted(names)}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        current = getattr(base, f.name) if base is not None else None
+        if f.name in d:
+            v = d[f.name]
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+                kwargs[f.name] = _build(tp, v, key, base=current)
+            else:
+                kwargs[f.name] = _coerce(v, tp, key)
+        elif base is not None:
+            kwargs[f.name] = current
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """TrainConfig from a nested dict (fields absent from `d` come from `base` or the defaults)."""
+    return _build(TrainConfig, d, "", base=base)
+
+
+def flatten(cfg: TrainConfig) -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(v: Any, prefix: str) -> None:
+        if isinstance(v, dict) and prefix.split(".")[-1] != "tags":
+            for k, x in v.items():
+                walk(x, f"{prefix}.{k}" if prefix else k)
+        elif isinstance(v, dict):
+            out[prefix] = json.dumps(v, sort_keys=True)
+        elif isinstance(v, list):
+            out[prefix] = json.dumps(v)
+        else:
+            out[prefix] = str(v)
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = d
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """['optim.lr=0.02', 'model.depth=50'] -> nested dict with YAML-parsed values."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. optim.lr=0.02)"
+            )
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+        _set_dotted(out, key, value)
+    return out
+
+
+def load_file(path: str | Path) -> TrainConfig:
+    """A YAML or JSON config; `preset: NAME` in it starts from that preset, else from defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper()} ({e})") from e
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    d = dict(d)
+    base_name = d.pop("preset", None)
+    try:
+        base = preset(base_name) if base_name is not None else None
+        return from_dict(d, base=base)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A preset name or a .yaml/.yml/.json file, then dotted key=value overrides."""
+    if name_or_path.endswith((".yaml", ".yml", ".json")) or Path(name_or_path).is_file():
+        cfg = load_file(name_or_path)
+    else:
+        cfg = preset(name_or_path)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """A validated copy of cfg with key=value overrides applied."""
+    return from_dict(parse_overrides(overrides), base=cfg)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -12,7 +12,11 @@ from torch import Tensor, nn
 
 
 def upsample_to(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of (B, M, h, w) logits to (B, M, *size); a no-op at that size already."""
+    """fp32 bilinear resize of (B, M, h, w) logits to (B, M, *size).
+
+    fp32 because bf16/fp16 logits lose too much precision in the softmax of the losses.
+    """
+    logits = logits.float()
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
@@ -71,7 +75,7 @@ def ohem_cross_entropy(
     if valid.numel() == 0:
         return logits.sum() * 0.0
     with torch.no_grad():
-        prob = torch.softmax(flat_logits[valid].float(), dim=1)
+        prob = torch.softmax(flat_logits[valid], dim=1)
         true_prob = prob.gather(1, flat_target[valid].unsqueeze(1)).squeeze(1)  # (V,)
         hard = true_prob < thresh
         if int(hard.sum()) >= min_kept:

@@ -106,3 +106,17 @@ def test_cdgc_loss_absent_heads():
     total.backward()
     with pytest.raises(ValueError, match="'coarse'"):
         CDGCLoss()({"refined": torch.randn(1, 3, 8, 8)}, target)
+
+
+def test_low_precision_logits_are_computed_in_fp32():
+    torch.manual_seed(3)
+    logits = torch.randn(1, 4, 4, 4)
+    target = torch.randint(0, 4, (1, 8, 8))
+    low = logits.to(torch.bfloat16).requires_grad_(True)
+    ref = logits.to(torch.bfloat16).float()
+    for fn in (cross_entropy, lambda x, t: ohem_cross_entropy(x, t, min_kept=10)):
+        loss = fn(low, target)
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(fn(ref, target).item(), rel=1e-6)
+        loss.backward()
+    assert low.grad is not None and low.grad.dtype == torch.bfloat16

@@ -128,6 +128,38 @@ def test_read_manifest_errors_name_the_file(tmp_path, split):
         read_manifest(bad)
 
 
+def test_round_trip_through_the_packer(tmp_path):
+    """synth -> pipeline.pack -> reader: the reader returns the source pixels and train ids."""
+    from cdgcnet.labels import CITYSCAPES
+    from pipeline import synth
+    from pipeline.pack import pack_split
+    from pipeline.sources import SOURCES
+
+    src = synth.generate("cityscapes", tmp_path / "src", train=2, val=5, size=(64, 32))
+    m = pack_split(SOURCES["cityscapes"], src, tmp_path / "shards", "val", max_count=2,
+                   progress=False)  # fmt: skip
+    split_dir = tmp_path / "shards" / "val"
+    keys = [k for s in m["shards"] for k in s["keys"]]
+    assert len(m["shards"]) == 3 and len(keys) == 5
+    got = []
+    for rank in range(2):
+        for sample in EvalStream(split_dir, rank=rank, world_size=2, num_workers=0):
+            key = sample["key"]
+            got.append(key)
+            [image_path] = (src / "leftImg8bit" / "val").glob(f"*/{key}_leftImg8bit.png")
+            [label_path] = (src / "gtFine" / "val").glob(f"*/{key}_gtFine_labelIds.png")
+            bgr = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
+            np.testing.assert_array_equal(sample["image_uint8"], bgr[..., ::-1])
+            ids = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
+            np.testing.assert_array_equal(sample["label"][0].numpy(), CITYSCAPES.lut()[ids])
+    assert got == keys
+    stream = TrainStream(split_dir, batch_size=2, crop_size=24, batches_per_epoch=2,
+                         num_workers=0, shuffle_buffer=3)  # fmt: skip
+    batches = list(stream)
+    assert len(batches) == 2 and batches[0][0].shape == (2, 3, 24, 24)
+    assert set(torch.cat([b[1].unique() for b in batches]).tolist()) <= {*range(19), 255}
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -225,8 +257,9 @@ def test_train_seeded_and_epochs_differ(split):
     assert not torch.equal(a[0][0], a[2][0])  # epoch 1 is not a replay of epoch 0
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_train_resume_is_exact(split, num_workers):
+@pytest.mark.parametrize(("num_workers", "stop"), [(0, 3), (2, 3), (2, 1), (2, 5)])
+def test_train_resume_is_exact(split, num_workers, stop):
+    """Stop after ``stop`` batches of epoch 0 (5 = at its end), save, restore, continue."""
     folder, _ = split
     kw = dict(
         batch_size=2,
@@ -239,12 +272,12 @@ def test_train_resume_is_exact(split, num_workers):
     )
     reference = _batches(TrainStream(folder, **kw), 8)  # epochs 0 and 1 (partly)
     first = TrainStream(folder, **kw)
-    head = list(islice(iter(first), 3))  # stop mid-epoch 0
+    head = list(islice(iter(first), stop))
     state = first.state_dict()
-    assert (state["epoch"], state["step"]) == (0, 3)
+    assert (state["epoch"], state["step"]) == ((0, stop) if stop < 5 else (1, 0))
     resumed = TrainStream(folder, **kw)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives JSON
-    tail = _batches(resumed, 5)  # rest of epoch 0, then into epoch 1
+    tail = _batches(resumed, 8 - stop)  # rest of epoch 0, then into epoch 1
     for x, y in zip(reference, head + tail, strict=True):
         assert x[0].numpy().tobytes() == y[0].numpy().tobytes()
         assert x[1].numpy().tobytes() == y[1].numpy().tobytes()

@@ -127,3 +127,16 @@ def test_other_bad_files(tmp_path):
     torch.save([torch.zeros(1)], listy)
     with pytest.raises(PretrainedWeightsError, match="expected a non-empty dict of tensors"):
         load_pretrained_backbone(DilatedResNet(18), listy)
+
+
+def test_deep_stem_takes_stem_names_and_refuses_torchvision_stem(tmp_path):
+    source = DilatedResNet(18, deep_stem=True)
+    path = tmp_path / "v1c.pth"
+    torch.save({"state_dict": {"backbone." + k: v for k, v in source.state_dict().items()}}, path)
+    target = DilatedResNet(18, deep_stem=True)
+    load_pretrained_backbone(target, path)
+    _assert_loaded(target, source.state_dict())
+    tv = tmp_path / "r18.pth"
+    torch.save(_torchvision_resnet18_state(), tv)
+    with pytest.raises(PretrainedWeightsError, match=r"deep-stem.*missing keys: \['stem.0.weight'"):
+        load_pretrained_backbone(DilatedResNet(18, deep_stem=True), tv)

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import scipy.io
-from PIL import Image  # installed with matplotlib; only the tests read palette PNGs with it
+from PIL import Image  # reads the palette indices of VOC PNGs (OpenCV expands them to colours)
 
 from cdgcnet.labels import CITYSCAPES_LABELS, COCOSTUFF_UNUSED_IDS, voc_colormap
 from pipeline import synth

@@ -1,0 +1,286 @@
+"""Forward+backward time and peak memory of the CDGC module, dense vs segmented.
+
+    python benchmarks/cdgc_module.py [--json PATH] [--iters N]
+
+CPU threads follow torch's default (set OMP_NUM_THREADS to choose).
+
+Shapes: CPU (B=2, C=256, 48x48, M=19, fp32); with CUDA also the Cityscapes training shape
+(B=2, C=512, 97x97, M=19, bf16 autocast) and the COCO-Stuff shape (B=2, C=512, 65x65, M=171,
+bf16 autocast). The module runs in training mode with graph="ds", ratio=1.0, on a realistic
+coarse map (smooth random class blobs) and a target that mostly agrees with it (a perturbed
+version of the same blobs, with an ignored top band), so node sets look like a real training
+step; memberships_per_node records how many node sets a pixel is in on average.
+
+Each case runs in fresh subprocesses: one untimed warm-up step, then --iters timed steps (the
+median is reported). On CPU memory is measured in a second subprocess with glibc's mmap
+threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_), so that freed tensors leave the resident
+set; the timing run keeps the default allocator. Memory is measured against a baseline taken in that process after the
+module, the inputs and the warm-up (whose freed heap goes back to the OS via malloc_trim):
+- peak_mem_mb: on CPU the resident-set high-water mark (VmHWM, reset through
+  /proc/self/clear_refs) minus VmRSS at the baseline; on CUDA torch.cuda.max_memory_allocated()
+  minus memory_allocated() at the baseline.
+- held_after_fwd_mb: memory still held between forward and backward (saved activations, which
+  gradient checkpointing reduces), same baseline.
+A case that runs out of memory is recorded as such (numbers null, status "out of memory").
+Needs torch only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+
+CPU_SHAPES = [dict(B=2, C=256, H=48, W=48, M=19)]
+CUDA_SHAPES = [dict(B=2, C=512, H=97, W=97, M=19), dict(B=2, C=512, H=65, W=65, M=171)]
+VARIANTS = [("dense", False), ("segmented", False), ("segmented", True)]  # (impl, checkpoint)
+
+
+def _inputs(B, C, H, W, M, device, seed=0):
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(B, M, max(H // 12, 2), max(W // 12, 2), generator=g)
+    coarse = F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)  # (B, M, H, W)
+    coarse = 4.0 * coarse + 0.1 * torch.randn(coarse.shape, generator=g)
+    jitter = 0.3 * torch.randn(low.shape, generator=g)
+    target = F.interpolate(low + jitter, size=(H, W), mode="bilinear", align_corners=False)
+    target = target.argmax(1)  # (B, H, W)
+    target[:, : max(H // 16, 1)] = 255
+    x = torch.randn(B, C, H, W, generator=g)
+    return x.to(device), coarse.to(device), target.to(device)
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"benchmarks/cdgc_module.py: no {field} in /proc/self/status")
+
+
+def _release_free_heap() -> None:
+    # Hand freed heap pages back to the OS, so that reuse of memory the warm-up freed shows up
+    # in the peak instead of hiding inside the baseline.
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def run_case(case: dict) -> dict:
+    """One (shape, impl) measurement in this process; returns the JSON record."""
+    import torch
+
+    from cdgcnet.cdgc import CDGCModule
+
+    device = torch.device(case["device"])
+    cuda = device.type == "cuda"
+    B, C, H, W, M = (case[k] for k in "BCHWM")
+    torch.manual_seed(0)
+    mod = CDGCModule(C, M, graph="ds", ratio=1.0, impl=case["impl"], checkpoint=case["checkpoint"])
+    mod = mod.to(device).train()
+    x, coarse, target = _inputs(B, C, H, W, M, device)
+    x.requires_grad_(True)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    record = dict(
+        impl=case["impl"],
+        device=device.type,
+        B=B,
+        C=C,
+        H=H,
+        W=W,
+        M=M,
+        fwd_bwd_ms=None,
+        peak_mem_mb=None,
+        checkpoint=case["checkpoint"],
+        dtype=str(dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        status="ok",
+    )
+    with torch.no_grad():
+        record["memberships_per_node"] = round(
+            mod.node_sets(coarse, target).sum().item() / (B * H * W), 3
+        )
+
+    def memory_now() -> float:
+        return torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb("VmRSS")
+
+    held = []  # memory still held between forward and backward (what checkpointing saves)
+
+    def step():
+        x.grad = None
+        mod.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = mod(x, coarse, target)
+        held.append(memory_now())
+        out.float().square().mean().backward()
+
+    times = []
+    try:
+        step()  # warm-up: one-time costs (library code paged in, thread pools) are not the case's
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            held.clear()
+        else:
+            _release_free_heap()
+            base = _rss_mb("VmRSS")
+            held.clear()
+            if not _reset_cpu_peak():
+                record["status"] = "ok (peak from ru_maxrss, may overstate)"
+        for _ in range(case["iters"]):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+    except torch.OutOfMemoryError:
+        record["status"] = "out of memory"
+        return record
+    if cuda:
+        base /= 2**20
+        peak = torch.cuda.max_memory_allocated() / 2**20 - base
+    elif record["status"] == "ok":
+        peak = _rss_mb("VmHWM") - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - base
+    record["fwd_bwd_ms"] = round(statistics.median(times), 2)
+    record["peak_mem_mb"] = round(peak, 1)
+    record["held_after_fwd_mb"] = round(max(held) - base, 1)
+    return record
+
+
+def _dense_estimate_gb(s: dict, bytes_per: int) -> float:
+    # The dense path holds several (B, M, N, N) tensors at once (scores, softmax, grads).
+    n = s["H"] * s["W"]
+    return 6 * s["B"] * s["M"] * n * n * bytes_per / 2**30
+
+
+def _available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def _spawn(case: dict) -> dict:
+    """Run one case in fresh subprocesses; on CPU time and memory are measured separately."""
+    if case["device"] != "cpu":
+        return _spawn_one(case, {})
+    timed = _spawn_one(dict(case, measure="time"), {})
+    # Every allocation of 64 KiB or more gets its own mapping and is unmapped on free, so the
+    # resident set follows live memory instead of glibc's retained heap; this slows allocation,
+    # hence the separate timing run above.
+    mem = _spawn_one(dict(case, measure="memory", iters=1), {"MALLOC_MMAP_THRESHOLD_": "65536"})
+    for key in ("peak_mem_mb", "held_after_fwd_mb"):
+        timed[key] = mem.get(key)
+    if timed["status"] == "ok" and mem["status"] != "ok":
+        timed["status"] = f"memory run: {mem['status']}"
+    return timed
+
+
+def _spawn_one(case: dict, env: dict) -> dict:
+    cmd = [sys.executable, __file__, "--_case", json.dumps(case)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        oom = proc.returncode in (-9, 137)  # killed by the kernel's OOM killer
+        status = "out of memory (killed)" if oom else f"failed: {tail[0]}"
+        return dict(
+            impl=case["impl"],
+            device=case["device"],
+            **{k: case[k] for k in "BCHWM"},
+            fwd_bwd_ms=None,
+            peak_mem_mb=None,
+            checkpoint=case["checkpoint"],
+            status=status,
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt(v, unit="") -> str:
+    return "-" if v is None else f"{v:,.1f}{unit}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, help="write the records to this JSON file")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per case")
+    parser.add_argument("--_case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._case:
+        print(json.dumps(run_case(json.loads(args._case))))
+        return 0
+
+    import torch
+
+    cases = [(s, "cpu") for s in CPU_SHAPES]
+    if torch.cuda.is_available():
+        cases += [(s, "cuda") for s in CUDA_SHAPES]
+    records = []
+    for shape, device in cases:
+        for impl, ckpt in VARIANTS:
+            case = dict(shape, device=device, impl=impl, checkpoint=ckpt, iters=args.iters)
+            est = _dense_estimate_gb(shape, 4)
+            if impl == "dense" and device == "cpu" and est > 0.8 * _available_gb():
+                rec = dict(case, fwd_bwd_ms=None, peak_mem_mb=None, status="skipped: needs ~")
+                rec["status"] += f"{est:.0f} GB, {_available_gb():.0f} GB available"
+                rec.pop("iters")
+            else:
+                rec = _spawn(case)
+            records.append(rec)
+            print(
+                f"{rec['device']:>5} B={rec['B']} C={rec['C']} {rec['H']}x{rec['W']} "
+                f"M={rec['M']:<3} {rec['impl']:>9}{' +ckpt' if ckpt else '      '} "
+                f"{_fmt(rec['fwd_bwd_ms'], ' ms'):>13} {_fmt(rec['peak_mem_mb'], ' MB'):>13}  "
+                f"{rec['status']}",
+                flush=True,
+            )
+    for shape, device in cases:
+        rows = {
+            (r["impl"], r["checkpoint"]): r
+            for r in records
+            if r["device"] == device and all(r[k] == shape[k] for k in "BCHWM")
+        }
+        d, s = rows[("dense", False)], rows[("segmented", False)]
+        if d["fwd_bwd_ms"] and s["fwd_bwd_ms"]:
+            print(
+                f"{device} {shape}: segmented is {d['fwd_bwd_ms'] / s['fwd_bwd_ms']:.1f}x faster, "
+                f"{d['peak_mem_mb'] / max(s['peak_mem_mb'], 1e-3):.1f}x less peak memory"
+            )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(records, indent=2) + "\n")
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

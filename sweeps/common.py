@@ -1,0 +1,196 @@
+"""Pieces shared by the ratio sweep and the ablation tables.
+
+Searched or varied settings travel to trials as `key=value` override strings for
+`launch.config.load_config`, so a trial's config is built exactly as `launch/train.py` builds it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Search-space name -> dotted TrainConfig key.
+SEARCH_KEYS: dict[str, str] = {
+    "ratio": "model.ratio",
+    "fusion": "model.fusion",
+    "alpha": "loss.alpha",
+    "beta": "loss.beta",
+    "gamma": "loss.gamma",
+}
+
+# CPU smoke settings on top of the `scenes` preset: a tiny model, a few iterations, an early
+# evaluation so that ASHA and the checkpoints have something to work with.
+SMOKE_CONFIG = "scenes"
+SMOKE_OVERRIDES: tuple[str, ...] = (
+    "schedule.iterations=4",
+    "schedule.warmup_iters=0",
+    "eval.every=2",
+    "eval.num_pictures=0",
+    "checkpoint.every=2",
+    "data.crop_size=64",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "logging.every=1",
+    "runtime.progress=false",
+)
+SMOKE_DATA = {"train": 8, "val": 4, "size": "128x64"}  # images of the generated scenes set
+
+
+def absolute(path: str | os.PathLike) -> Path:
+    """`path` made absolute against the current directory (trials run elsewhere)."""
+    return Path(path).expanduser().resolve()
+
+
+def config_hash(overrides: Sequence[str], config: str) -> str:
+    """A short stable hash of what decides a training run's result (preset + overrides).
+
+    Paths, tracking settings and tags are left out: they do not change what is trained.
+    """
+    skip = ("data.root=", "runtime.run_dir=", "logging.")
+    kept = sorted(o for o in overrides if not o.startswith(skip))
+    blob = json.dumps({"config": config, "overrides": kept}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def prepare_smoke_data(root: Path) -> Path:
+    """Generate and pack the `scenes` dataset under `root` once; return the shard root.
+
+    Uses the same commands a user runs (`python -m pipeline.synth`, `python -m pipeline.pack`).
+    """
+    shards = root / "shards" / "scenes"
+    if (shards / "train" / "manifest.json").is_file() and (
+        shards / "val" / "manifest.json"
+    ).is_file():
+        return shards
+    raw = root / "raw" / "scenes"
+    _run([
+        sys.executable, "-m", "pipeline.synth", "scenes", "--out", str(raw), "--overwrite",
+        "--train", str(SMOKE_DATA["train"]), "--val", str(SMOKE_DATA["val"]),
+        "--size", SMOKE_DATA["size"], "--quiet",
+    ])  # fmt: skip
+    _run([
+        sys.executable, "-m", "pipeline.pack", "cityscapes", "--src", str(raw), "--out", str(shards),
+        "--name", "scenes", "--workers", "1", "--no-progress",
+    ])  # fmt: skip
+    return shards
+
+
+def base_config(
+    config: str,
+    overrides: Sequence[str],
+    *,
+    smoke: bool,
+    smoke_data: Path,
+    reserved: Sequence[str] = (),
+) -> tuple[str, list[str], Any]:
+    """The preset, the overrides every trial gets (data root made absolute) and the loaded config.
+
+    smoke: the `scenes` preset with SMOKE_OVERRIDES, data generated under `smoke_data` unless a
+    data.root is given. `reserved` keys (what the caller varies itself) may not be overridden.
+    Loading here makes a bad key or value fail in the driver, before any trial starts.
+    """
+    from launch.config import load_config
+
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+    clash = [o for o in overrides if o.split("=", 1)[0] in reserved]
+    if clash:
+        raise ValueError(f"overrides {clash} set values that this run varies itself")
+    if smoke:
+        config = SMOKE_CONFIG
+        overrides = [*SMOKE_OVERRIDES, *overrides]
+        if not any(o.startswith("data.root=") for o in overrides):
+            overrides.append(f"data.root={prepare_smoke_data(smoke_data)}")
+    cfg = load_config(config, overrides)
+    overrides = [o for o in overrides if not o.startswith("data.root=")]
+    overrides.append(f"data.root={absolute(cfg.data.root)}")
+    return config, overrides, cfg
+
+
+def default_experiment(cfg: Any, smoke: bool) -> str:
+    """The MLflow experiment: the config's, else the dataset's ("smoke" for smoke runs)."""
+    return cfg.logging.experiment or ("smoke" if smoke else cfg.dataset)
+
+
+def schedule_of(cfg: Any) -> tuple[int, int]:
+    """(training iterations, evaluation interval); an interval of 0 means only at the end."""
+    iterations = int(cfg.schedule.iterations)
+    every = int(cfg.eval.every) or iterations
+    return iterations, every
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command)} failed with code {done.returncode}:\n{done.stderr[-3000:]}"
+        )
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join `address` (auto / ray://HOST:PORT) or start a local Ray sized to this machine.
+
+    The dashboard stays off for a local Ray (nothing listens beyond 127.0.0.1); a Ray already
+    initialised in this process (tests) is used as is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Trials import the project from the driver's checkout when they run on a remote cluster.
+    runtime_env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+        return
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+    )
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(format_value(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[format_value(v) for v in row] for row in rows])
+    return out.getvalue()
+
+
+def close_unfinished_children(client: Any, experiment_id: str, parent_run_id: str) -> list[str]:
+    """Mark child runs that are still RUNNING as KILLED; return their ids.
+
+    A trial stopped by ASHA (or lost with its worker) never reaches the end of training, so its
+    MLflow run would otherwise stay RUNNING for ever.
+    """
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in runs]

@@ -1,0 +1,241 @@
+"""Sweep the easy-positive ratio, the loss weights and the fusion mode with Ray Tune.
+
+    python sweeps/ratio_sweep.py --config cityscapes [--address auto|ray://HOST:PORT]
+        [--num-samples N] [--gpus-per-trial G] [--tracking-uri URI] [--smoke] [--resume]
+        [key=value ...]
+
+Every trial is a real training run (launch.train.run), an MLflow child run of the sweep's parent
+run; ASHA stops weak trials on validation mIoU. At the end a table ranked by mIoU is printed and
+logged on the parent run (sweep_results.md / .csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweeps.common import (
+    SEARCH_KEYS,
+    absolute,
+    base_config,
+    csv_text,
+    default_experiment,
+    init_ray,
+    markdown_table,
+)
+from sweeps.mlflow_server import tracking_server
+from sweeps.runner import SweepSpec, cpu_count, fit, log_table, mlflow_client, runs_by_trial
+
+RATIOS = (0.2, 0.4, 0.6, 0.8, 1.0)  # the paper's easy-positive sampling ratios (Table 3, 5)
+FUSIONS = ("concat", "sum")
+# Loss weights around the paper's alpha 0.6, beta 0.7, gamma 0.4 (eq. 5).
+ALPHAS = (0.4, 0.6, 0.8, 1.0)
+BETAS = (0.5, 0.7, 1.0)
+GAMMAS = (0.2, 0.4, 0.6)
+
+
+def search_space(
+    search: str, smoke: bool, ratios: Sequence[float] | None = None,
+    fusions: Sequence[str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """grid: ratio x fusion on a grid, loss weights drawn at random (num_samples draws per cell).
+    random: every value drawn at random (num_samples trials). smoke: ratios 0.4 and 1.0 on a grid,
+    the fusion drawn. `ratios` / `fusions` replace the default values.
+    """
+    from ray import tune
+
+    ratios = list(ratios or ((0.4, 1.0) if smoke else RATIOS))
+    fusions = list(fusions or FUSIONS)
+    for r in ratios:
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"--ratios: {r} is not in [0, 1]")
+    for f in fusions:
+        if f not in FUSIONS:
+            raise ValueError(f"--fusions: {f!r} is not one of {FUSIONS}")
+    space: dict[str, Any] = {
+        "alpha": tune.choice(list(ALPHAS)),
+        "beta": tune.choice(list(BETAS)),
+        "gamma": tune.choice(list(GAMMAS)),
+    }
+    if search == "grid":
+        space["ratio"] = tune.grid_search(ratios)
+        space["fusion"] = tune.choice(fusions) if smoke else tune.grid_search(fusions)
+    elif search == "random":
+        space["ratio"] = tune.choice(ratios)
+        space["fusion"] = tune.choice(fusions)
+    else:
+        raise ValueError(f"--search must be grid or random, got {search!r}")
+    return space
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="cityscapes", help="preset name or config file")
+    p.add_argument("--address", default=None, help="Ray cluster: auto or ray://HOST:PORT")
+    p.add_argument("--num-samples", type=int, default=1, help="draws per grid cell")
+    p.add_argument("--search", choices=("grid", "random"), default="grid")
+    p.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"easy-positive ratios to sweep (default {' '.join(map(str, RATIOS))})",
+    )
+    p.add_argument(
+        "--fusions",
+        nargs="+",
+        default=None,
+        choices=FUSIONS,
+        help="fusion modes to sweep (default both)",
+    )
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help=">1: a DeepSpeed trial over that many GPUs (default 1 with GPUs, else 0)",
+    )
+    p.add_argument(
+        "--cpus-per-trial", type=float, default=None, help="default: 1 with --smoke, else 4"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the dataset)")
+    p.add_argument("--name", default="ratio-sweep", help="sweep name (Tune folder, parent run)")
+    p.add_argument("--storage", default="runs/sweeps", help="Tune results and trial run dirs")
+    p.add_argument("--max-failures", type=int, default=2, help="retries per trial")
+    p.add_argument("--max-concurrent", type=int, default=None)
+    p.add_argument("--num-cpus", type=int, default=None, help="local Ray size (default: all)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU smoke run: scenes dataset, tiny model, a few iterations, 2 trials",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = p.parse_args(argv)  # fmt: skip
+    if args.num_samples < 1:
+        p.error(f"--num-samples must be >= 1, got {args.num_samples}")
+    return args
+
+
+def asha(cfg: Any, smoke: bool):
+    """ASHA on validation mIoU, in training iterations; rungs start after the first evaluation."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from sweeps.common import schedule_of
+
+    iterations, every = schedule_of(cfg)
+    return ASHAScheduler(
+        time_attr="iteration",
+        # One past the end: a trial that reaches its last evaluation must not be cut before
+        # training returns and closes its MLflow run.
+        max_t=iterations + 1,
+        grace_period=max(every, iterations // 8) if not smoke else every,
+        reduction_factor=3 if not smoke else 2,
+    )
+
+
+@dataclass
+class SweepOutcome:
+    parent_run_id: str
+    rows: list[list[Any]]
+    header: list[str]
+    markdown: str
+    complete: bool
+
+
+TABLE_HEADER = ["rank", "trial", "ratio", "fusion", "alpha", "beta", "gamma",
+                "miou", "iteration", "status", "mlflow_run"]  # fmt: skip
+
+
+def results_rows(
+    grid: Any, statuses: dict[str, str], runs: dict[str, list[Any]]
+) -> list[list[Any]]:
+    """One row per trial, best mIoU first (trials without an evaluation last)."""
+    rows = []
+    for result in grid:
+        trial_id = result.metrics.get("trial_id") if result.metrics else None
+        trial_id = trial_id or Path(result.path).name
+        config = result.config or {}
+        frame = result.metrics_dataframe
+        best = float(frame["miou"].max()) if frame is not None and "miou" in frame else None
+        last_it = (
+            int(frame["iteration"].max()) if frame is not None and "iteration" in frame else None
+        )
+        done = bool(frame is not None and "done" in frame and frame["done"].fillna(False).any())
+        status = "done" if done else _status_word(statuses.get(trial_id), result.error)
+        run_ids = ",".join(r.info.run_id for r in runs.get(trial_id, []))
+        row = [trial_id, *(config.get(k) for k in ("ratio", "fusion", "alpha", "beta", "gamma"))]
+        rows.append([*row, best, last_it, status, run_ids])
+    rows.sort(key=lambda r: -1.0 if r[6] is None else r[6], reverse=True)
+    return [[i + 1, *row] for i, row in enumerate(rows)]
+
+
+def _status_word(status: str | None, error: Any) -> str:
+    if error is not None or status == "ERROR":
+        return "error"
+    if status == "TERMINATED":
+        return "stopped early"  # ASHA
+    return "unfinished"
+
+
+def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepOutcome:
+    """The whole sweep; `callbacks` are extra tune.Callback objects."""
+    import torch
+
+    storage = absolute(args.storage)
+    config, overrides, cfg = base_config(
+        args.config, args.overrides, smoke=args.smoke, smoke_data=storage / "smoke-data",
+        reserved=list(SEARCH_KEYS.values()),
+    )  # fmt: skip
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    cpus = args.cpus_per_trial or (1.0 if args.smoke else 4.0)
+    with tracking_server(args.tracking_uri) as uri:
+        init_ray(args.address, args.num_cpus or cpu_count())
+        spec = SweepSpec(
+            name=args.name,
+            config=config,
+            overrides=overrides,
+            param_space=search_space(args.search, args.smoke, args.ratios, args.fusions),
+            storage=storage,
+            experiment=args.experiment or default_experiment(cfg, args.smoke),
+            tracking_uri=uri,
+            tags={"sweep": args.name},
+            num_samples=args.num_samples,
+            cpus_per_trial=cpus,
+            gpus_per_trial=gpus,
+            max_failures=args.max_failures,
+            max_concurrent=args.max_concurrent,
+            scheduler=asha(cfg, args.smoke),
+            callbacks=list(callbacks),
+        )
+        grid, parent_run_id, statuses = fit(spec, resume=args.resume)
+        client = mlflow_client(uri)
+        rows = results_rows(grid, statuses, runs_by_trial(client, parent_run_id))
+        markdown = markdown_table(TABLE_HEADER, rows)
+        complete = all(s in ("TERMINATED", "ERROR") for s in statuses.values())
+        title = f"## {args.name}: {len(rows)} trials ranked by validation mIoU"
+        if not complete:
+            title += " (interrupted: continue with --resume)"
+        print(f"\n{title}\n\n{markdown}")
+        log_table(client, parent_run_id, f"{title}\n\n{markdown}", csv_text(TABLE_HEADER, rows),
+                  "sweep_results")  # fmt: skip
+    return SweepOutcome(parent_run_id, rows, TABLE_HEADER, markdown, complete)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    outcome = run_sweep(parse_args(argv))
+    return 0 if outcome.complete else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Runs a set of trials with Ray Tune under one MLflow parent run (ratio sweep and ablations).
+
+The driver owns: the MLflow parent run, the Tuner (fresh or restored), fault tolerance
+(FailureConfig; trials resume from their last reported checkpoint), and closing child runs that
+never finished (ASHA stops). Trials live in sweeps/trial.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sweeps.common import close_unfinished_children
+from sweeps.trial import train_trial, train_trial_distributed
+
+
+@dataclass
+class SweepSpec:
+    """Everything one Tune experiment needs; paths absolute."""
+
+    name: str  # Tune experiment name (folder under storage) and MLflow parent run name
+    config: str  # preset name or config file for launch.config.load_config
+    overrides: list[str]  # base key=value overrides for every trial
+    param_space: dict[str, Any]  # searched values (tune.grid_search / tune.choice / ...)
+    storage: Path  # Tune storage folder; the experiment is storage/name
+    experiment: str  # MLflow experiment of the parent and its children
+    tracking_uri: str  # URI the trials write to (a server when the store is a SQLite file)
+    variants: dict[str, list[str]] = field(default_factory=dict)  # ablations: overrides per variant
+    tags: dict[str, str] = field(default_factory=dict)  # tags on the parent and on every child
+    num_samples: int = 1
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 2
+    max_concurrent: int | None = None
+    scheduler: Any = None  # e.g. ASHAScheduler(time_attr="iteration", ...)
+    callbacks: list[Any] = field(default_factory=list)  # extra tune.Callback objects (tests)
+    parent_run_id: str | None = None  # nest under this existing run (its owner ends it)
+
+    def __post_init__(self) -> None:
+        if not self.storage.is_absolute():
+            raise ValueError(f"sweep storage {self.storage} must be an absolute path")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise ValueError(f"gpus_per_trial above 1 must be whole, got {self.gpus_per_trial}")
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.storage / self.name
+
+    @property
+    def state_file(self) -> Path:
+        """Sweep-level state kept beside Tune's experiment folder (the parent run id)."""
+        return self.storage / f"{self.name}.sweep.json"
+
+
+def mlflow_client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(client: Any, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found is not None else client.create_experiment(name)
+
+
+def start_parent_run(spec: SweepSpec, client: Any, resume: bool) -> str:
+    """Create the sweep's MLflow parent run, or reopen it when resuming."""
+    if spec.parent_run_id is not None:
+        return spec.parent_run_id
+    if resume:
+        if not spec.state_file.is_file():
+            raise FileNotFoundError(
+                f"{spec.state_file}: no sweep state to resume (was a sweep named {spec.name!r} "
+                f"started with this storage folder?)"
+            )
+        state = json.loads(spec.state_file.read_text())
+        client.update_run(state["parent_run_id"], status="RUNNING")
+        return state["parent_run_id"]
+    exp_id = experiment_id(client, spec.experiment)
+    run = client.create_run(exp_id, run_name=spec.name, tags={**spec.tags, "role": "sweep"})
+    client.log_param(run.info.run_id, "config", spec.config)
+    client.log_param(run.info.run_id, "overrides", " ".join(spec.overrides)[:6000])
+    client.log_param(run.info.run_id, "search_space", _describe(spec.param_space)[:6000])
+    spec.storage.mkdir(parents=True, exist_ok=True)
+    state = {"parent_run_id": run.info.run_id, "experiment": spec.experiment, "name": spec.name}
+    tmp = spec.state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.rename(spec.state_file)
+    return run.info.run_id
+
+
+def _describe(space: dict[str, Any]) -> str:
+    return json.dumps({k: str(v) for k, v in space.items()})
+
+
+def make_trainable(spec: SweepSpec, parent_run_id: str):
+    from ray import tune
+
+    sweep = {
+        "config": spec.config,
+        "overrides": list(spec.overrides),
+        "variants": spec.variants,
+        "tracking_uri": spec.tracking_uri,
+        "parent_run_id": parent_run_id,
+        "experiment": spec.experiment,
+        "tags": dict(spec.tags),
+        "runs_root": str(spec.experiment_dir / "runs"),
+        "gpus_per_trial": spec.gpus_per_trial,
+    }
+    if spec.gpus_per_trial > 1:
+        # The Ray Train workers ask for their own GPUs; the trial function only coordinates.
+        fn, resources = train_trial_distributed, {"cpu": 1}
+    else:
+        fn, resources = train_trial, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(fn, sweep=sweep), resources)
+
+
+def fit(spec: SweepSpec, *, resume: bool = False):
+    """Run (or resume) the experiment; return (ResultGrid, parent_run_id, trial statuses).
+
+    The parent run ends FINISHED when every trial ended, KILLED when the sweep was interrupted
+    (resume it with resume=True) and FAILED on an error in the driver.
+    """
+    from ray import tune
+
+    client = mlflow_client(spec.tracking_uri)
+    if not resume and spec.experiment_dir.exists():
+        raise FileExistsError(
+            f"{spec.experiment_dir} already holds a sweep: resume it (--resume) or pick another "
+            "--name / storage folder"
+        )
+    parent_run_id = start_parent_run(spec, client, resume)
+    status = "FAILED"
+    try:
+        trainable = make_trainable(spec, parent_run_id)
+        if resume:
+            if not tune.Tuner.can_restore(str(spec.experiment_dir)):
+                raise FileNotFoundError(
+                    f"{spec.experiment_dir}: no Tune experiment state to resume"
+                )
+            tuner = tune.Tuner.restore(
+                str(spec.experiment_dir),
+                trainable=trainable,
+                param_space=spec.param_space,
+                resume_unfinished=True,
+                resume_errored=True,
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=spec.param_space,
+                tune_config=tune.TuneConfig(
+                    metric="miou",
+                    mode="max",
+                    scheduler=spec.scheduler,
+                    num_samples=spec.num_samples,
+                    max_concurrent_trials=spec.max_concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name=spec.name,
+                    storage_path=str(spec.storage),
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=spec.callbacks or None,
+                    verbose=1,
+                ),
+            )
+        grid = tuner.fit()
+        statuses = trial_statuses(grid)
+        status = (
+            "FINISHED" if all(s in ("TERMINATED", "ERROR") for s in statuses.values()) else "KILLED"
+        )
+        return grid, parent_run_id, statuses
+    finally:
+        exp = client.get_run(parent_run_id).info.experiment_id
+        close_unfinished_children(client, exp, parent_run_id)
+        if spec.parent_run_id is None:
+            client.set_terminated(parent_run_id, status=status)
+
+
+def trial_statuses(grid: Any) -> dict[str, str]:
+    """trial id -> Tune status (TERMINATED, ERROR, PENDING, RUNNING, PAUSED)."""
+    # ResultGrid exposes results but not trial states; the analysis behind it has them.
+    return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+
+
+def child_runs(client: Any, parent_run_id: str) -> list[Any]:
+    """MLflow runs nested under `parent_run_id` (every state)."""
+    exp = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000
+    )
+
+
+def runs_by_trial(client: Any, parent_run_id: str) -> dict[str, list[Any]]:
+    """trial id -> its MLflow child runs (one, or more when training made a new run on retry)."""
+    out: dict[str, list[Any]] = {}
+    for run in child_runs(client, parent_run_id):
+        out.setdefault(run.data.tags.get("trial_id", ""), []).append(run)
+    return out
+
+
+def log_table(client: Any, run_id: str, markdown: str, csv: str, stem: str) -> None:
+    client.log_text(run_id, markdown, f"{stem}.md")
+    client.log_text(run_id, csv, f"{stem}.csv")
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1

@@ -396,6 +396,8 @@ def pack_split(
     if not Path(src).is_dir():
         raise SourceError(src, "--src folder does not exist")
     samples = source.list_split(Path(src), split)
+    if not samples:
+        raise SourceError(src, f"split {split!r} has no samples; expected layout: {source.layout}")
     seen: dict[str, SourceSample] = {}
     for s in samples:
         if s.key in seen:
@@ -512,6 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_count = args.max_count if args.max_size is None else None
     if max_count is None and args.max_size is None:
         max_count = DEFAULT_MAX_COUNT
+    if not Path(args.src).is_dir():
+        print(f"error: {args.src}: --src folder does not exist", file=sys.stderr)
+        return 1
     use_ray = args.workers > 1 or bool(args.ray_address)
     with ray_session(args.workers, args.ray_address) if use_ray else contextlib.nullcontext():
         return _pack_splits(args, source, splits, max_count)

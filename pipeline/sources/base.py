@@ -246,12 +246,12 @@ def require_dir(path: Path, layout: str) -> Path:
     return path
 
 
-def read_id_list(path: Path, layout: str) -> list[str]:
+def read_id_list(path: Path, layout: str, allow_empty: bool = False) -> list[str]:
     """A split list file (one id per line); blank lines ignored, duplicates refused."""
     if not path.is_file():
         raise SourceError(path, f"split list missing; expected layout: {layout}")
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
+    if not ids and not allow_empty:
         raise SourceError(path, "split list is empty")
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]

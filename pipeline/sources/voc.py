@@ -89,8 +89,8 @@ def list_split(src: Path, split: str) -> list[SourceSample]:
         )
     voc_train = set(read_id_list(lists / "train.txt", LAYOUT))
     voc_val = set(read_id_list(lists / "val.txt", LAYOUT))
-    sbd_ids = set(read_id_list(sbd / "train.txt", LAYOUT)) | set(
-        read_id_list(sbd / "val.txt", LAYOUT)
+    sbd_ids = set(read_id_list(sbd / "train.txt", LAYOUT, True)) | set(
+        read_id_list(sbd / "val.txt", LAYOUT, True)
     )
     samples = []
     for sid in sorted((sbd_ids | voc_train) - voc_val):

@@ -142,3 +142,24 @@ def write_cocostuff164k(
         write_png(root / "stuffthingmaps" / f"{split}2017" / f"{stem}.png", ids)
         labels[stem] = ids
     return labels
+
+
+def read_split(split_dir: Path) -> dict[str, dict[str, bytes]]:
+    """{key: {ext: bytes}} of every shard in a packed split, in manifest order."""
+    import json
+    import tarfile
+
+    manifest = json.loads((split_dir / "manifest.json").read_text())
+    out: dict[str, dict[str, bytes]] = {}
+    for s in manifest["shards"]:
+        with tarfile.open(split_dir / s["name"]) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def decode_label(data: bytes) -> np.ndarray:
+    label = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert label is not None and label.ndim == 2 and label.dtype == np.uint8
+    return label

@@ -19,8 +19,9 @@ What forward computes, given X (B, C, H, W) and coarse logits P (B, M, H, W):
 2. A_m = softmax over j in V_m of phi(x_i) . phi'(x_j) (unscaled dot product, eq. 2-3), with
    phi, phi' bias-free linear maps C -> C shared by all classes.
 3. Z_m = ReLU((A_m X_m) W_m), W_m the m-th group of a bias-free grouped 1x1 conv
-   (weight (G*C, C, 1, 1)); Z_m is zero outside V_m.
-4. R = ReLU(BN(conv1x1_{G*C -> C}(Z_1 .. Z_G))): the refined feature, returned before fusion.
+   (``graph_weight`` (G*C, C, 1, 1)); Z_m is zero outside V_m.
+4. R = ReLU(BN(conv1x1_{G*C -> C}(Z_1 .. Z_G))) (``aggregate_weight`` (C, G*C, 1, 1), bias-free
+   as BN follows): the refined feature, returned before fusion.
 
 Two implementations share these parameters (``impl`` may be reassigned on an instance):
 
@@ -42,6 +43,7 @@ statistics are updated once per step. Gradients are identical with and without i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -113,8 +115,12 @@ class CDGCModule(nn.Module):
         c, g = in_channels, self.num_groups
         self.phi = nn.Linear(c, c, bias=False)
         self.phi_prime = nn.Linear(c, c, bias=False)
-        self.graph_conv = nn.Conv2d(g * c, g * c, 1, groups=g, bias=False)  # W_m per group
-        self.aggregate = nn.Conv2d(g * c, c, 1, bias=False)
+        # The two 1x1 conv weights are this module's own parameters (used through F.conv2d or
+        # matmuls), so that ZeRO-3 gathers them for this module's forward in both paths.
+        self.graph_weight = nn.Parameter(torch.empty(g * c, c, 1, 1))  # W_m: grouped, G groups
+        self.aggregate_weight = nn.Parameter(torch.empty(c, g * c, 1, 1))  # G*C -> C
+        for weight in (self.graph_weight, self.aggregate_weight):
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Conv2d's default
         self.bn = nn.BatchNorm2d(c)
 
     @property
@@ -254,8 +260,8 @@ class CDGCModule(nn.Module):
         y = adj @ xf[:, None]  # (B, G, N, C)
         y = y.transpose(2, 3).reshape(b, g * c, h, w)  # (B, G*C, H, W)
         inside = nodes.repeat_interleave(c, dim=1).view(b, g * c, h, w)
-        z = F.relu(self.graph_conv(y)) * inside  # (B, G*C, H, W), zero outside V_m
-        return self.aggregate(z)  # (B, C, H, W)
+        z = F.relu(F.conv2d(y, self.graph_weight, groups=g)) * inside  # (B, G*C, H, W)
+        return F.conv2d(z, self.aggregate_weight)  # (B, C, H, W)
 
     def _plan(self, nodes: Tensor, n_bad: Tensor) -> _Plan:
         b, g, n = nodes.shape
@@ -280,8 +286,8 @@ class CDGCModule(nn.Module):
         v = xf[plan.rows]  # (T, C)
         y = _segment_attention(q, k, v, plan.seg_sizes)  # (T, C), class-major
         # unbind (not indexing) so that backward stacks the per-class weight gradients once.
-        w_graph = self.graph_conv.weight.view(g, c, c).unbind(0)  # G x (C_out, C_in)
-        w_agg = self.aggregate.weight.view(c, g, c).unbind(1)  # G x (C_out, C_in)
+        w_graph = self.graph_weight.view(g, c, c).unbind(0)  # G x (C_out, C_in)
+        w_agg = self.aggregate_weight.view(c, g, c).unbind(1)  # G x (C_out, C_in)
         # Every class's weights enter the graph (empty classes through 0-row matmuls), so each
         # parameter gets a gradient, as in the dense path (distributed wrappers expect one).
         contrib = [

@@ -4,8 +4,9 @@ An export is ``torch.save({"model": state_dict, "config": cfg_dict, "format": FO
 ``cfg_dict`` is the resolved training config as a plain dict (its "model" entry builds the net).
 It is read back with ``torch.load(weights_only=True)`` only.
 
-``load_checkpoint`` also accepts a DeepSpeed checkpoint directory (the folder holding ``latest``
-and the tag folders, or one tag folder): the ZeRO partitions are consolidated to fp32 with
+``load_checkpoint`` also accepts DeepSpeed checkpoints: a run directory, its ``checkpoints/``
+folder (the newest complete ``iter_*`` tag is used; a plain DeepSpeed folder with ``latest`` works
+too) or one tag folder. ZeRO partitions are consolidated to fp32 with
 ``deepspeed.utils.zero_to_fp32`` and the config is read from the run directory's ``config.json``
 (or ``config.yaml``), else from the checkpoint's client state.
 """
@@ -125,7 +126,8 @@ def model_config_from_dict(cfg_dict: dict, *, source: str | os.PathLike) -> Mode
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict, int | None]:
-    """A model.pt export or a DeepSpeed checkpoint dir -> (model, cfg_dict, iteration or None)."""
+    """A model.pt export, a run dir, a checkpoints/ dir or one DeepSpeed tag dir ->
+    (model in eval mode, cfg_dict, iteration or None)."""
     path = Path(path)
     if path.is_file():
         payload = _read_export(path)
@@ -134,23 +136,28 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict, int | Non
         return model, payload["config"], _int_or_none(meta.get("iteration"))
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
-    ckpt_dir, tag = _deepspeed_dir_and_tag(path)
-    cfg, iteration = _deepspeed_config(ckpt_dir, tag)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    except Exception as e:  # DeepSpeed raises bare ValueError/FileNotFoundError/KeyError
-        raise CheckpointError(
-            f"{ckpt_dir / tag}: cannot consolidate the ZeRO checkpoint: {e}"
-        ) from e
-    model = model_from_state(state, cfg, source=ckpt_dir / tag)
+    tag_dir = _deepspeed_tag_dir(path)
+    cfg, iteration = _deepspeed_config(tag_dir)
+    state = _deepspeed_fp32_state(tag_dir)
+    model = model_from_state(state, cfg, source=tag_dir)
     return model, cfg, iteration
 
 
-def _deepspeed_dir_and_tag(path: Path) -> tuple[Path, str]:
+def _deepspeed_tag_dir(path: Path) -> Path:
+    """The tag folder to load: given, the newest complete one, or the one `latest` names."""
+    from launch.checkpoint import MARKER, PREFIX, latest_complete
+
     if (path / _MODEL_STATES).is_file():  # a tag folder
-        return path.parent, path.name
+        if path.name.startswith(PREFIX) and not (path / MARKER).is_file():
+            raise CheckpointError(
+                f"{path}: incomplete checkpoint (no {MARKER} marker: the save did not finish)"
+            )
+        return path
+    if (path / "checkpoints").is_dir() and not (path / "latest").is_file():
+        path = path / "checkpoints"  # a run directory
+    newest = latest_complete(path)
+    if newest is not None:
+        return newest.path
     latest = path / "latest"
     if latest.is_file():
         tag = latest.read_text().strip()
@@ -158,26 +165,56 @@ def _deepspeed_dir_and_tag(path: Path) -> tuple[Path, str]:
             raise CheckpointError(
                 f"{latest}: names tag {tag!r} but {path / tag} holds no {_MODEL_STATES}"
             )
-        return path, tag
+        return path / tag
     raise CheckpointError(
-        f"{path}: not a DeepSpeed checkpoint (no {_MODEL_STATES} and no 'latest' file)"
+        f"{path}: not a DeepSpeed checkpoint (no {_MODEL_STATES}, no complete {PREFIX}* "
+        f"checkpoint and no 'latest' file)"
     )
 
 
-def _deepspeed_config(ckpt_dir: Path, tag: str) -> tuple[dict, int | None]:
-    """Config and iteration: run dir config.json/yaml first, then the client state."""
-    client = _client_state(ckpt_dir / tag / _MODEL_STATES)
-    iteration = _int_or_none(client.get("iteration")) if client else None
-    if client and isinstance(client.get("config"), dict):
-        return client["config"], iteration
-    for folder in (ckpt_dir, ckpt_dir.parent, ckpt_dir.parent.parent):
+def _deepspeed_fp32_state(tag_dir: Path) -> dict:
+    """fp32 weights: ZeRO partitions consolidated; ZeRO-0 saves hold them whole in 'module'."""
+    if not any(tag_dir.glob("*optim_states.pt")):
+        client = _client_state(tag_dir / _MODEL_STATES)
+        if client is None or not isinstance(client.get("module"), dict):
+            raise CheckpointError(
+                f"{tag_dir / _MODEL_STATES}: no ZeRO optimizer partitions and no loadable "
+                "'module' weights"
+            )
+        return {k: v.float() if v.is_floating_point() else v for k, v in client["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except Exception as e:  # DeepSpeed raises bare ValueError/FileNotFoundError/KeyError
+        raise CheckpointError(f"{tag_dir}: cannot consolidate the ZeRO checkpoint: {e}") from e
+
+
+def _deepspeed_config(tag_dir: Path) -> tuple[dict, int | None]:
+    """Config and iteration: the run dir's config.json/yaml, else the client state."""
+    from launch.checkpoint import MARKER
+
+    iteration = None
+    marker = tag_dir / MARKER
+    if marker.is_file():
+        try:
+            iteration = _int_or_none(json.loads(marker.read_text()).get("iteration"))
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{marker}: unreadable checkpoint marker ({e})") from e
+    run_dir = tag_dir.parent.parent if tag_dir.parent.name == "checkpoints" else tag_dir.parent
+    for folder in (run_dir, tag_dir.parent):
         for name in ("config.json", "config.yaml"):
             f = folder / name
             if f.is_file():
                 return _read_config_file(f), iteration
+    client = _client_state(tag_dir / _MODEL_STATES)
+    if client is not None and isinstance(client.get("config"), dict):
+        if iteration is None:
+            iteration = _int_or_none(client.get("iteration"))
+        return client["config"], iteration
     raise CheckpointError(
-        f"{ckpt_dir / tag}: no config found (neither 'config' in the client state nor a "
-        f"config.json / config.yaml in the run directory)"
+        f"{tag_dir}: no config found (no config.json / config.yaml in {run_dir}, and the "
+        "client state holds no loadable 'config')"
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,3 +110,73 @@ def test_directory_that_is_not_a_deepspeed_checkpoint(tmp_path):
     (tmp_path / "latest").write_text("global_step5")
     with pytest.raises(E.CheckpointError, match="names tag 'global_step5'"):
         E.load_checkpoint(tmp_path)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deepspeed_run(rank: int, run_dir: str, port: int) -> None:
+    """One ZeRO-2 CPU step, then a checkpoint in the run-dir layout (COMPLETE marker)."""
+    import json
+    import os
+
+    os.environ.update(
+        DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+    )  # fmt: skip
+    import deepspeed
+
+    from launch.checkpoint import CheckpointManager
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config
+    )
+    out = engine(torch.randn(2, 3, 32, 32), torch.randint(0, 19, (2, 32, 32)))
+    engine.backward(out["refined"].square().mean() + out["coarse"].square().mean())
+    engine.step()
+    CheckpointManager(run_dir, keep=2).save(engine, 3, client_state={}, meta={"world_size": 1})
+    Path(run_dir, "config.json").write_text(json.dumps(to_dict(cfg)))
+    torch.save(engine.module.state_dict(), Path(run_dir, "reference.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoint_is_consolidated(tmp_path):
+    import torch.multiprocessing as mp
+
+    run_dir = tmp_path / "run"
+    mp.spawn(_deepspeed_run, args=(str(run_dir), _free_port()), nprocs=1, join=True)
+    ref = torch.load(run_dir / "reference.pt", weights_only=True)
+    tag_dir = run_dir / "checkpoints" / "iter_00000003"
+    for given in (run_dir, run_dir / "checkpoints", tag_dir):
+        model, cfg_dict, iteration = E.load_checkpoint(given)
+        assert iteration == 3 and cfg_dict == to_dict(_cfg())
+        state = model.state_dict()
+        assert state.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(
+                state[k], ref[k].float() if ref[k].is_floating_point() else ref[k]
+            ), k
+    (tag_dir / "COMPLETE").unlink()
+    with pytest.raises(E.CheckpointError, match="incomplete checkpoint"):
+        E.load_checkpoint(tag_dir)
+    with pytest.raises(E.CheckpointError, match="not a DeepSpeed checkpoint"):
+        E.load_checkpoint(run_dir)

@@ -381,11 +381,13 @@ def pack_split(
     ray_address: str | None = None,
     skip_bad: bool = False,
     progress: bool = True,
+    use_ray: bool | None = None,
 ) -> dict:
     """Pack one split into ``out/<split>/``; return the manifest written there.
 
     Raises SourceError for a bad --src and PackError for a bad sample (unless skip_bad).
-    Runs in-process for workers == 1 without ray_address, else one Ray task per shard.
+    One Ray task per shard (reusing an open Ray session) when use_ray, which defaults to
+    workers > 1 or a ray_address; else in-process, shard after shard (same per-shard code).
     """
     from tqdm import tqdm
 
@@ -431,7 +433,9 @@ def pack_split(
         if todo:
             # The old manifest describes shards about to change: drop it until the new one.
             (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-        if todo and workers == 1 and not ray_address:
+        if use_ray is None:
+            use_ray = workers > 1 or bool(ray_address)
+        if todo and not use_ray:
             new = _run_in_process(todo, bar)
         elif todo:
             new = _run_on_ray(todo, workers, ray_address, bar)

@@ -177,22 +177,68 @@ class CheckpointManager:
         return read_info(path)
 
 
+# ds_to_universal knows Adam's state names only; SGD's momentum travels under Adam's first name.
+_ALIAS = "exp_avg"
+_UNUSED = "exp_avg_sq"
+
+
+def _alias_sgd_states(src: Path, dst: Path) -> None:
+    """Copy a tag dir, giving each SGD state group exp_avg (= momentum) and exp_avg_sq (zeros)."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if not f.name.endswith(".pt"):
+            continue
+        if "optim_states" not in f.name:
+            shutil.copy2(f, dst / f.name)
+            continue
+        # DeepSpeed pickles its own optimizer files; this is one this program wrote.
+        sd = torch.load(f, map_location="cpu", weights_only=False)
+        osd = sd["optimizer_state_dict"]
+        inner = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict") or {}
+        flats = osd.get("single_partition_of_fp32_groups") or osd.get("fp32_flat_groups")
+        for gid, st in inner.get("state", {}).items():
+            ref = flats[gid] if flats is not None else next(iter(st.values()))
+            mom = st.get("momentum_buffer")
+            if mom is not None and flats is not None and mom.numel() > ref.numel():
+                # The fp32 partition is saved without the last rank's alignment padding and
+                # the converter strips it once more: give it back so the two agree.
+                ref = torch.cat([ref, ref.new_zeros(mom.numel() - ref.numel())])
+                flats[gid] = ref
+            st[_ALIAS] = mom if mom is not None else torch.zeros_like(ref)
+            st.setdefault(_UNUSED, torch.zeros_like(ref))
+        torch.save(sd, dst / f.name)
+
+
+def _unalias(universal_tag_dir: Path) -> None:
+    for param_dir in (universal_tag_dir / "zero").iterdir():
+        if not param_dir.is_dir():
+            continue
+        if (param_dir / f"{_ALIAS}.pt").exists():
+            os.replace(param_dir / f"{_ALIAS}.pt", param_dir / "momentum_buffer.pt")
+        (param_dir / f"{_UNUSED}.pt").unlink(missing_ok=True)
+
+
 def to_universal(info: CheckpointInfo) -> Path:
     """Convert a checkpoint to DeepSpeed's universal form (rank 0 works, all ranks wait).
 
     Returns the directory to pass to engine.load_checkpoint (it holds `latest` and the tag).
+    The SGD momentum buffers are carried through ds_to_universal under Adam's state name and
+    renamed back afterwards (the universal loader restores any state file by its name).
     """
     out_root = info.path.parent / "universal"
     out = out_root / info.tag
     if _rank() == 0 and not (out / MARKER).is_file():
         shutil.rmtree(out, ignore_errors=True)
+        staged = out_root / f".{info.tag}.aliased"
+        shutil.rmtree(staged, ignore_errors=True)
         out_root.mkdir(parents=True, exist_ok=True)
+        _alias_sgd_states(info.path, staged)
         cmd = [
             sys.executable,
             "-m",
             "deepspeed.checkpoint.ds_to_universal",
             "--input_folder",
-            str(info.path),
+            str(staged),
             "--output_folder",
             str(out),
             "--num_extract_workers",
@@ -202,10 +248,12 @@ def to_universal(info: CheckpointInfo) -> Path:
             "--inject_missing_state",
         ]  # ZeRO-2 checkpoints lack the universal info block
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        shutil.rmtree(staged, ignore_errors=True)
         if proc.returncode != 0:
             raise CheckpointError(
                 f"{info.path}: conversion to a universal checkpoint failed:\n{proc.stderr[-3000:]}"
             )
+        _unalias(out)
         (out_root / "latest").write_text(info.tag)
         (out / MARKER).write_text(json.dumps(info.meta))
     _barrier()

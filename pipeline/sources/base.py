@@ -25,6 +25,7 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
+_JPEG_SOS = b"\xff\xda"
 
 
 class SourceError(ValueError):
@@ -127,12 +128,19 @@ def image_format(data: bytes) -> str | None:
 
 
 def check_complete(path: Path, data: bytes, fmt: str) -> None:
-    """Catch truncation that decoders may not report (libjpeg pads a cut JPEG with grey)."""
-    if fmt == "png" and not data.endswith(_PNG_IEND):
+    """Catch truncation that decoders may not report (libjpeg pads a cut JPEG with grey).
+
+    PNG: the IEND chunk (8 bytes with its CRC) must be in the last 4 KiB, as some writers
+    append data after it. JPEG: an end-of-image marker must follow the last start-of-scan
+    marker; entropy-coded data cannot contain either (0xFF bytes are stuffed), and bytes
+    after the end marker are allowed.
+    """
+    if fmt == "png" and _PNG_IEND not in data[-4096:]:
         raise SampleError(path, "truncated PNG (no IEND chunk at the end)")
-    # Some JPEG writers pad after the end-of-image marker.
-    if fmt == "jpg" and not data.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI):
-        raise SampleError(path, "truncated JPEG (no end-of-image marker)")
+    if fmt == "jpg":
+        sos = data.rfind(_JPEG_SOS)
+        if sos < 0 or data.find(_JPEG_EOI, sos) < 0:
+            raise SampleError(path, "truncated JPEG (no end-of-image marker after the last scan)")
 
 
 def decode_image(path: Path, data: bytes) -> tuple[str, int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import scipy.io
@@ -182,3 +183,19 @@ def test_wrong_layout_is_a_named_error(tmp_path, dataset, setup, message):
     assert message in str(e.value)
     assert str(src) in str(e.value)
     assert not list((tmp_path / "out").rglob("*.tar"))
+
+
+def test_jpeg_end_marker_check(tmp_path):
+    """Bytes after the end-of-image marker are fine; a JPEG cut before it is refused."""
+    from pipeline.sources.base import SampleError, check_complete
+
+    from .packdata import _image, encode_jpg
+
+    jpg = encode_jpg(_image(np.random.default_rng(1), 32, 48)).tobytes()
+    check_complete(tmp_path / "a.jpg", jpg + b"\x00trailing metadata", "jpg")
+    progressive = cv2.imencode(".jpg", _image(np.random.default_rng(2), 32, 48),
+                               [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()  # fmt: skip
+    check_complete(tmp_path / "p.jpg", progressive, "jpg")
+    for cut in (len(jpg) - 2, len(jpg) // 2, 300):
+        with pytest.raises(SampleError, match=r"a\.jpg: truncated JPEG"):
+            check_complete(tmp_path / "a.jpg", jpg[:cut], "jpg")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -24,9 +28,9 @@ ROAD, SIDEWALK, UNLABELED = 7, 8, 0  # Cityscapes label ids -> train ids 0, 1, 2
 
 
 def write_val_set(
-    root: Path, n: int = N, seed: int = 0
+    root: Path, n: int = N, seed: int = 0, split: str = "val"
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Cityscapes-layout val images/labels: {stem: (RGB image, label ids)}."""
+    """Cityscapes-layout images/labels of one split: {stem: (RGB image, label ids)}."""
     rng = np.random.default_rng(seed)
     out = {}
     for i in range(n):
@@ -34,8 +38,8 @@ def write_val_set(
         stem = f"{city}_{i:06d}_000019"
         rgb = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
         ids = rng.choice(np.array([ROAD, SIDEWALK, UNLABELED], np.uint8), size=(H, W))
-        img_dir = root / "leftImg8bit" / "val" / city
-        gt_dir = root / "gtFine" / "val" / city
+        img_dir = root / "leftImg8bit" / split / city
+        gt_dir = root / "gtFine" / split / city
         img_dir.mkdir(parents=True, exist_ok=True)
         gt_dir.mkdir(parents=True, exist_ok=True)
         assert cv2.imwrite(str(img_dir / f"{stem}_leftImg8bit.png"), rgb[..., ::-1])
@@ -144,3 +148,71 @@ def test_two_gloo_ranks_equal_one_process(packed, tmp_path):
 def _train_labels(data):
     lut = CITYSCAPES.lut()
     return [lut[ids] for _, ids in data.values()]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_evaluate_cli_reproduces_the_in_training_miou(tmp_path):
+    """Train 4 iterations (launch/train.py), then evaluate.py on model.pt and on the ZeRO
+    checkpoint directory: both give the mIoU the training run measured at the end."""
+    src = tmp_path / "src"
+    write_val_set(src, n=4, seed=1, split="train")
+    write_val_set(src, n=3, seed=2, split="val")
+    shards = tmp_path / "shards"
+    args = ["cityscapes", "--src", str(src), "--out", str(shards), "--splits", "train", "val"]
+    assert pack_main([*args, "--workers", "1", "--no-progress"]) == 0
+    db = tmp_path / "mlflow.db"
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"data.root={shards}", "data.crop_size=16", "data.batch_size=2", "data.num_workers=0",
+        "schedule.iterations=4", "schedule.warmup_iters=0", "eval.every=0", "eval.mode=whole",
+        "eval.num_pictures=1", "checkpoint.every=2", "model.channels=16", "model.aspp=false",
+        "loss.ohem_min_kept=16", f"logging.tracking_uri=sqlite:///{db}", "logging.experiment=e2e",
+        f"runtime.run_dir={run_dir}", "runtime.progress=false",
+    ]  # fmt: skip
+    _run(
+        [str(REPO / "launch/train.py"), "--config", "scenes", "--resume", "none", *overrides],
+        tmp_path,
+    )
+    trained = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])
+    assert trained["iteration"] == 4
+    # The script as a user runs it on the export, then in-process on the ZeRO checkpoint dir.
+    out0 = tmp_path / "eval0.json"
+    proc = _run(
+        [str(REPO / "launch/evaluate.py"), "--checkpoint", str(run_dir / "model.pt"),
+         "--json", str(out0), "--no-progress", f"logging.tracking_uri=sqlite:///{db}"],
+        tmp_path,
+    )  # fmt: skip
+    assert f"mIoU: {trained['miou']:.4f}" in proc.stdout and "| 0 | road |" in proc.stdout
+    from launch.evaluate import main as evaluate_main
+
+    out1 = tmp_path / "eval1.json"
+    argv = ["--checkpoint", str(run_dir), "--json", str(out1), "--no-progress"]
+    assert evaluate_main([*argv, f"logging.tracking_uri=sqlite:///{db}"]) == 0
+    for out in (out0, out1):
+        got = json.loads(out.read_text())
+        assert got["miou"] == trained["miou"], (out, got["miou"], trained["miou"])
+        assert got["pixel_accuracy"] == trained["pixel_accuracy"]
+        assert got["iteration"] == 4
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("e2e")
+    evals = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'evaluation'")
+    assert len(evals) == 2
+    for run in evals:
+        assert run.data.metrics["val/miou"] == pytest.approx(trained["miou"], abs=0)
+        assert run.data.tags["checkpoint_iteration"] == "4"

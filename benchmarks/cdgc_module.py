@@ -139,6 +139,8 @@ def run_case(case: dict) -> dict:
     times = []
     try:
         step()  # warm-up: one-time costs (library code paged in, thread pools) are not the case's
+        x.grad = None  # the measured steps allocate their gradients anew, so they count
+        mod.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()

@@ -110,10 +110,17 @@ class Tracker:
         parent = getattr(cfg.logging, "parent_run_id", None)
         if parent:
             all_tags["mlflow.parentRunId"] = parent
-        if resume_run_id:
+        if resume_run_id and self._run_exists(resume_run_id):
             self.run_id = resume_run_id
             self._client.update_run(resume_run_id, status="RUNNING")
         else:
+            if resume_run_id:  # e.g. resumed against another tracking store
+                print(
+                    f"warning: MLflow run {resume_run_id} not found in {self.tracking_uri}; "
+                    "logging the resumed training to a new run",
+                    flush=True,
+                )
+                all_tags["resumed_from_run"] = resume_run_id
             run_name = run_name or getattr(cfg.logging, "run_name", None)
             run = self._client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
@@ -135,6 +142,15 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.end("FAILED" if exc_type is not None else "FINISHED")
+
+    def _run_exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
 
     def _experiment(self, name: str) -> str:
         from mlflow.exceptions import MlflowException

@@ -143,17 +143,6 @@ def feature_picture(
     return np.concatenate(panels, axis=1)
 
 
-def intra_class_similarity(feature: np.ndarray, mask: np.ndarray) -> float:
-    """Mean cosine similarity of the class pixels' features to their mean (NaN if empty)."""
-    c = feature.shape[0]
-    x = feature.reshape(c, -1).T[mask.reshape(-1)].astype(np.float64)  # (n, C)
-    if len(x) == 0:
-        return float("nan")
-    mean = x.mean(0)
-    denom = np.linalg.norm(x, axis=1) * np.linalg.norm(mean) + 1e-12
-    return float(np.mean(x @ mean / denom))
-
-
 def _grid_mask(mask: np.ndarray, grid: Sequence[int]) -> np.ndarray:
     """(H, W) bool -> (h, w) bool by nearest resize (as the CDGC module resizes targets)."""
     h, w = int(grid[0]), int(grid[1])
@@ -169,7 +158,7 @@ def confusion_figure(mat: np.ndarray, class_names: Sequence[str], normalize: boo
     if normalize:
         rows = mat.sum(1, keepdims=True)
         mat = np.divide(mat, rows, out=np.zeros_like(mat), where=rows > 0)
-    size = min(4 + 0.35 * m, 40)
+    size = min(4 + 0.35 * m, 24)  # inches; COCO-Stuff's 171 classes stay legible-ish
     fig = Figure(figsize=(size, size), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(mat, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)

@@ -193,3 +193,14 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
     assert resolve_tracking_uri(cfg) == "http://127.0.0.1:5000"
     cfg.logging.tracking_uri = "sqlite:////data/x.db"
     assert resolve_tracking_uri(cfg) == "sqlite:////data/x.db"
+
+
+def test_resume_of_an_unknown_run_starts_a_new_one(store, capsys):
+    cfg = _cfg(store, "logging.experiment=resume-unknown")
+    tracker = Tracker(cfg, enabled=True)
+    run_id = tracker.start(resume_run_id="0123456789abcdef0123456789abcdef")
+    tracker.end()
+    assert run_id != "0123456789abcdef0123456789abcdef"
+    run = MlflowClient(tracking_uri=f"sqlite:///{store}").get_run(run_id)
+    assert run.data.tags["resumed_from_run"] == "0123456789abcdef0123456789abcdef"
+    assert "not found" in capsys.readouterr().out

@@ -249,6 +249,9 @@ class RuntimeConfig:
     """Test switch: SIGKILL every rank right after this iteration (and its checkpoint)."""
     crash_in_save_at: int | None = None
     """Test switch: SIGKILL every rank inside the checkpoint save of this iteration."""
+    resume_data: bool = True
+    """False: a resumed run restarts the data stream from scratch (the control of the
+    exact-resume test; normal runs keep True)."""
     cpu_shm_comm: bool = False
     """Use DeepSpeed's shared-memory CPU all-reduce op (JIT-compiled on first use, ~2.5 min)."""
     progress: bool = True

@@ -77,6 +77,8 @@ def build_ds_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
+        # torch.optim.SGD with per-group LR multipliers; ZeRO partitions its state correctly.
+        "zero_allow_untested_optimizer": True,
     }
     if precision == "bf16":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}

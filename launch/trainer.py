@@ -161,7 +161,6 @@ class Trainer:
             bf16_supported=bf16,
             load_universal=load_universal,
         )
-        self.ds_config["zero_allow_untested_optimizer"] = True  # torch SGD under ZeRO
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config
         )
@@ -229,7 +228,10 @@ class Trainer:
             raise RuntimeError(f"{ckpt.path}: DeepSpeed could not load this checkpoint")
         iteration = int(client["iteration"])
         rngs = client["rng"]
-        if same_world:
+        if not self.cfg.runtime.resume_data:
+            rng = rngs[self.world.rank] if same_world else None
+            self._log("resume: runtime.resume_data=false, the data stream starts from scratch")
+        elif same_world:
             train_stream.load_state_dict(client["stream"][self.world.rank])
             rng = rngs[self.world.rank]
         else:

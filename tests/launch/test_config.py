@@ -1,0 +1,159 @@
+"""TrainConfig: the paper's preset values, overrides, file loading, named errors; DeepSpeed
+config generation and the LR schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch.config import (
+    PRESETS,
+    ConfigError,
+    flatten,
+    from_dict,
+    load_config,
+    preset,
+    to_dict,
+)
+from launch.ds_config import accumulation_steps, build_ds_config
+from launch.trainer import poly_lr_factor
+
+# DESIGN.md "Paper settings" (section 4.2 of the paper).
+PAPER = {
+    "cityscapes": dict(lr=0.01, wd=5e-4, crop=769, batch=8, iters=30_000, classes=19),
+    "voc": dict(lr=0.001, wd=1e-4, crop=513, batch=16, iters=30_000, classes=21),
+    "cocostuff10k": dict(lr=0.001, wd=1e-4, crop=520, batch=16, iters=60_000, classes=171),
+    "cocostuff164k": dict(lr=0.001, wd=1e-4, crop=520, batch=16, iters=60_000, classes=171),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_presets_state_the_paper_values(name: str) -> None:
+    cfg, p = preset(name), PAPER[name]
+    assert cfg.optim.lr == p["lr"] and cfg.optim.weight_decay == p["wd"]
+    assert cfg.optim.momentum == 0.9 and cfg.schedule.power == 0.9
+    assert cfg.data.crop_size == p["crop"] and cfg.data.global_batch_size == p["batch"]
+    assert cfg.schedule.iterations == p["iters"]
+    assert cfg.model.num_classes == p["classes"] and cfg.model.depth == 101
+    assert cfg.model.output_stride == 8 and cfg.model.aspp and cfg.model.graph == "ds"
+    assert (cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma) == (0.6, 0.7, 0.4)
+    assert cfg.model.checkpoint  # CDGC gradient checkpointing on for the GPU presets
+
+
+def test_scenes_preset_is_the_cpu_demo() -> None:
+    cfg = preset("scenes")
+    assert cfg.model.depth == 18 and cfg.dataset == "cityscapes" and cfg.model.num_classes == 19
+    assert cfg.data.root == "shards/scenes" and not cfg.model.checkpoint
+    assert set(PRESETS) == {"cityscapes", "voc", "cocostuff10k", "cocostuff164k", "scenes"}
+
+
+def test_overrides_convert_types() -> None:
+    cfg = load_config(
+        "cityscapes",
+        [
+            "optim.lr=0.02",
+            "model.depth=50",
+            "eval.scales=[0.75, 1.0]",
+            "eval.flip=true",
+            "logging.tags={table: t1}",
+            "runtime.fail_once_at=7",
+            "model.parts=[easy, hard_pos]",
+            "data.global_batch_size=null",
+        ],
+    )
+    assert cfg.optim.lr == 0.02 and cfg.model.depth == 50
+    assert cfg.eval.scales == (0.75, 1.0) and cfg.eval.flip is True
+    assert cfg.logging.tags == {"table": "t1"} and cfg.runtime.fail_once_at == 7
+    assert cfg.model.parts == ("easy", "hard_pos") and cfg.data.global_batch_size is None
+    assert preset("cityscapes").optim.lr == 0.01  # presets are fresh objects
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("nope.x=1", "nope"),
+        ("model.depth=19", "ModelConfig.depth"),
+        ("optim.lr=fast", "optim.lr must be a number"),
+        ("data.batch_size=1.5", "data.batch_size must be an integer"),
+        ("eval.flip=maybe", "eval.flip must be true or false"),
+        ("runtime.zero_stage=4", "runtime.zero_stage"),
+        ("novalue", "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config("scenes", [override])
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(ConfigError, match="unknown preset 'citiscapes'"):
+        load_config("citiscapes")
+
+
+def test_files_yaml_json_and_errors(tmp_path) -> None:
+    y = tmp_path / "exp.yaml"
+    y.write_text("preset: voc\noptim:\n  lr: 0.005\nmodel:\n  fusion: sum\n")
+    cfg = load_config(str(y), ["schedule.iterations=10"])
+    assert cfg.name == "voc" and cfg.optim.lr == 0.005 and cfg.model.fusion == "sum"
+    assert cfg.data.crop_size == 513 and cfg.schedule.iterations == 10
+    j = tmp_path / "full.json"
+    j.write_text(json.dumps(to_dict(cfg)))
+    assert load_config(str(j)) == cfg
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*optim\.learning_rate"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match=r"missing\.yaml: config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_round_trip_and_flatten() -> None:
+    cfg = preset("cocostuff164k")
+    assert from_dict(to_dict(cfg)) == cfg
+    flat = flatten(cfg)
+    assert flat["optim.lr"] == "0.001" and flat["model.num_classes"] == "171"
+    assert flat["eval.scales"] == "[1.0]" and flat["data.val_split"] == "val"
+    assert all(isinstance(v, str) for v in flat.values())
+
+
+def test_ds_config_generation() -> None:
+    cfg = preset("cityscapes")
+    cpu = build_ds_config(cfg, world_size=4, device_type="cpu")
+    assert cpu["train_batch_size"] == 8 and cpu["train_micro_batch_size_per_gpu"] == 2
+    assert cpu["gradient_accumulation_steps"] == 1 and cpu["gradient_clipping"] == 0.0
+    assert cpu["zero_optimization"]["stage"] == 2
+    assert "bf16" not in cpu and "fp16" not in cpu and "torch_autocast" not in cpu
+    one = build_ds_config(cfg, world_size=1, device_type="cuda", bf16_supported=True)
+    assert one["gradient_accumulation_steps"] == 4 and one["train_batch_size"] == 8
+    assert one["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    fp16 = build_ds_config(cfg, world_size=2, device_type="cuda", bf16_supported=False)
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic scaling
+    cfg.runtime.zero_stage = 3
+    assert build_ds_config(cfg, 2, "cpu")["zero_optimization"]["stage"] == 3
+    with pytest.raises(ConfigError, match="global_batch_size=8 is not a multiple"):
+        accumulation_steps(cfg, world_size=3)
+    cfg.runtime.precision = "bf16"
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        build_ds_config(cfg, 1, "cpu")
+
+
+def test_shipped_reference_configs_match_the_generator() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "launch"
+    for stage in (1, 2, 3):
+        shipped = json.loads((root / f"ds_zero{stage}.json").read_text())
+        cfg = preset("cityscapes")
+        cfg.runtime.zero_stage = stage
+        made = build_ds_config(cfg, world_size=4, device_type="cuda", bf16_supported=True)
+        assert shipped == made
+
+
+def test_poly_schedule_with_warmup() -> None:
+    cfg = load_config("scenes", ["schedule.iterations=100", "schedule.warmup_iters=10"])
+    assert poly_lr_factor(0, cfg) == pytest.approx(0.1)
+    assert poly_lr_factor(10, cfg) == pytest.approx(0.9**0.9)
+    assert poly_lr_factor(50, cfg) == pytest.approx(0.5**0.9)
+    assert poly_lr_factor(99, cfg) == pytest.approx(0.01**0.9)

@@ -103,6 +103,10 @@ class CDGCModule(nn.Module):
         unknown = [p for p in parts if p not in PARTS]
         if unknown or not parts:
             raise _error(f"parts must be a non-empty subset of {PARTS}, got {tuple(parts)!r}")
+        if graph == "ds" and class_wise and float(ratio) == 0.0 and tuple(parts) == ("easy",):
+            raise _error(
+                "graph='ds' with parts=('easy',) and ratio=0 samples no node at all in training"
+            )
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.graph = graph
@@ -340,7 +344,9 @@ def _segment_attention(q: Tensor, k: Tensor, v: Tensor, sizes: list[int]) -> Ten
         for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes), strict=True)
         if qs.shape[0]
     ]  # (1, 1, L, C) each
-    return torch.cat(outs, dim=2)[0, 0] if outs else v
+    if not outs:  # no node at all (T = 0): keep phi, phi' in the graph so they get (zero) grads
+        return v + 0.0 * (q + k)  # (0, C)
+    return torch.cat(outs, dim=2)[0, 0]
 
 
 def _shape(t: object) -> str:

@@ -91,6 +91,8 @@ def _case(name: str):
     elif name == "ignore_pixels":
         target[:, 3:, :2] = 255
         target[1] = 255  # a fully ignored image
+    elif name == "all_ignored":  # no node set has a node: R = ReLU(BN(0))
+        target.fill_(255)
     elif name == "batch3":
         b = 3
         labels = _blob_labels(b, h, w, seed=3)
@@ -120,6 +122,7 @@ CASES = [
     "one_class_covers",
     "one_class_covers_eval",
     "ignore_pixels",
+    "all_ignored",
     "batch3",
     "eval",
     "target_upsampled",
@@ -137,7 +140,10 @@ def test_dense_and_segmented_agree(name):
     kw, training, x, coarse, target = _case(name)
     mod = _module(**kw).train(training)
     out, gx, _ = _assert_impls_agree(mod, x, coarse, target)
-    assert out.abs().sum() > 0 and gx.abs().sum() > 0  # the comparison is not vacuous
+    if name == "all_ignored":
+        assert not mod.node_sets(coarse, target).any() and gx.abs().max() == 0
+    else:
+        assert out.abs().sum() > 0 and gx.abs().sum() > 0  # the comparison is not vacuous
 
 
 @pytest.mark.parametrize(
@@ -305,6 +311,7 @@ def test_checkpoint_gives_identical_gradients(impl, class_wise):
         ({"parts": "easy"}, "parts must be a sequence"),
         ({"ratio": 1.5}, r"ratio must lie in \[0, 1\]"),
         ({"ratio": -0.1}, r"ratio must lie in \[0, 1\]"),
+        ({"parts": ("easy",), "ratio": 0.0}, "graph=.ds. with parts=.*samples no node"),
     ],
 )
 def test_bad_constructor_arguments_are_named(kwargs, match):

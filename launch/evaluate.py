@@ -138,8 +138,7 @@ def _evaluate(args, cfg, spec, model, iteration, world, device) -> int:
     if not world.is_main:
         return 0
     step = iteration or 0
-    print(iou_table_markdown(cm, spec.class_names), end="")
-    print(f"mIoU: {cm.miou():.4f}", flush=True)
+    print(iou_table_markdown(cm, spec.class_names), end="", flush=True)  # ends with the mIoU
     metrics = {
         "miou": cm.miou(),
         "pixel_accuracy": cm.pixel_accuracy(),

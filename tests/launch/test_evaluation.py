@@ -216,3 +216,11 @@ def test_evaluate_cli_reproduces_the_in_training_miou(tmp_path):
     for run in evals:
         assert run.data.metrics["val/miou"] == pytest.approx(trained["miou"], abs=0)
         assert run.data.tags["checkpoint_iteration"] == "4"
+    # The training run itself carries the evaluation tables and the pictures.
+    (train_run,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'training'")
+    assert train_run.data.metrics["val/miou"] == pytest.approx(trained["miou"], abs=0)
+    arts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    assert {"config.yaml", "deepspeed_config.json", "val", "pictures"} <= arts
+    pics = {a.path for a in client.list_artifacts(train_run.info.run_id, "pictures/step_0000004")}
+    for kind in ("prediction", "sampling", "features"):
+        assert any(p.endswith(f"_{kind}.png") for p in pics), (kind, pics)

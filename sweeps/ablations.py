@@ -80,6 +80,8 @@ class Settings:
     cpus_per_trial: float
     gpus_per_trial: float
     max_failures: int
+    address: str | None  # Ray, started on first use: reruns that reuse every row need none
+    num_cpus: int
 
 
 @dataclass
@@ -119,6 +121,7 @@ def train_rows(
     pending = [v for v, run in found.items() if run is None]
     if pending:
         print(f"Table {table}: training {len(pending)} configuration(s): {', '.join(pending)}")
+        init_ray(s.address, s.num_cpus)
         spec = SweepSpec(
             name=f"table{table}-{time.strftime('%Y%m%d-%H%M%S')}",
             config=s.config,
@@ -294,7 +297,6 @@ def run_ablations(args: argparse.Namespace) -> dict[int, tuple[str, list[Line]]]
     numbers = sorted(TABLES) if args.table == "all" else [int(args.table)]
     out = {}
     with tracking_server(args.tracking_uri) as uri:
-        init_ray(args.address, args.num_cpus or cpu_count())
         s = Settings(
             config=config,
             overrides=overrides,
@@ -305,6 +307,8 @@ def run_ablations(args: argparse.Namespace) -> dict[int, tuple[str, list[Line]]]
             cpus_per_trial=args.cpus_per_trial or (1.0 if args.smoke else 4.0),
             gpus_per_trial=gpus,
             max_failures=args.max_failures,
+            address=args.address,
+            num_cpus=args.num_cpus or cpu_count(),
         )
         for n in numbers:
             text, lines = run_table(s, TABLES[n])

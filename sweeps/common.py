@@ -153,6 +153,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=runtime_env)
         return
     ray.init(
+        # "local": a new instance even when another Ray runs on this machine (without it, Ray
+        # would join the most recently started one).
+        address="local",
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
         runtime_env=runtime_env,

@@ -28,7 +28,17 @@ from sweeps.common import (
     markdown_table,
 )
 from sweeps.mlflow_server import tracking_server
-from sweeps.runner import SweepSpec, cpu_count, fit, log_table, mlflow_client, runs_by_trial
+from sweeps.runner import (
+    SweepSpec,
+    cpu_count,
+    fit,
+    log_table,
+    mlflow_client,
+    runs_by_trial,
+    trial_failures,
+    trial_statuses,
+)
+from sweeps.trial import FINISHED_KEY
 
 RATIOS = (0.2, 0.4, 0.6, 0.8, 1.0)  # the paper's easy-positive sampling ratios (Table 3, 5)
 FUSIONS = ("concat", "sum")
@@ -110,6 +120,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="ratio-sweep", help="sweep name (Tune folder, parent run)")
     p.add_argument("--storage", default="runs/sweeps", help="Tune results and trial run dirs")
     p.add_argument("--max-failures", type=int, default=2, help="retries per trial")
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="iterations before ASHA may stop a trial (default eval.every or 1/8)",
+    )
+    p.add_argument(
+        "--no-early-stop", action="store_true", help="no ASHA: every trial trains to the end"
+    )
     p.add_argument("--max-concurrent", type=int, default=None)
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray size (default: all)")
     p.add_argument(
@@ -125,20 +144,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def asha(cfg: Any, smoke: bool):
-    """ASHA on validation mIoU, in training iterations; rungs start after the first evaluation."""
+def asha(cfg: Any, smoke: bool, grace_period: int | None = None):
+    """ASHA on validation mIoU, in training iterations; None when no evaluation falls before the
+    last one (nothing to compare a trial on).
+
+    Every rung lies at or before the last evaluation ahead of the final one: a trial must never be
+    cut at its final evaluation, which comes before training returns and closes its MLflow run.
+    """
     from ray.tune.schedulers import ASHAScheduler
 
     from sweeps.common import schedule_of
 
     iterations, every = schedule_of(cfg)
+    last_rung = iterations - every
+    grace = grace_period or (every if smoke else max(every, iterations // 8))
+    if last_rung < grace:
+        return None
     return ASHAScheduler(
         time_attr="iteration",
-        # One past the end: a trial that reaches its last evaluation must not be cut before
-        # training returns and closes its MLflow run.
-        max_t=iterations + 1,
-        grace_period=max(every, iterations // 8) if not smoke else every,
-        reduction_factor=3 if not smoke else 2,
+        max_t=last_rung,
+        grace_period=grace,
+        reduction_factor=2 if smoke else 3,
+        stop_last_trials=False,  # past the last rung a trial trains to the end
     )
 
 
@@ -152,11 +179,11 @@ class SweepOutcome:
 
 
 TABLE_HEADER = ["rank", "trial", "ratio", "fusion", "alpha", "beta", "gamma",
-                "miou", "iteration", "status", "mlflow_run"]  # fmt: skip
+                "miou", "iteration", "status", "retries", "mlflow_run"]  # fmt: skip
 
 
 def results_rows(
-    grid: Any, statuses: dict[str, str], runs: dict[str, list[Any]]
+    grid: Any, statuses: dict[str, str], failures: dict[str, int], runs: dict[str, list[Any]]
 ) -> list[list[Any]]:
     """One row per trial, best mIoU first (trials without an evaluation last)."""
     rows = []
@@ -169,11 +196,15 @@ def results_rows(
         last_it = (
             int(frame["iteration"].max()) if frame is not None and "iteration" in frame else None
         )
-        done = bool(frame is not None and "done" in frame and frame["done"].fillna(False).any())
+        done = (
+            frame is not None
+            and FINISHED_KEY in frame
+            and bool(frame[FINISHED_KEY].fillna(False).any())
+        )
         status = "done" if done else _status_word(statuses.get(trial_id), result.error)
         run_ids = ",".join(r.info.run_id for r in runs.get(trial_id, []))
         row = [trial_id, *(config.get(k) for k in ("ratio", "fusion", "alpha", "beta", "gamma"))]
-        rows.append([*row, best, last_it, status, run_ids])
+        rows.append([*row, best, last_it, status, failures.get(trial_id, 0), run_ids])
     rows.sort(key=lambda r: -1.0 if r[6] is None else r[6], reverse=True)
     return [[i + 1, *row] for i, row in enumerate(rows)]
 
@@ -215,14 +246,15 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
             gpus_per_trial=gpus,
             max_failures=args.max_failures,
             max_concurrent=args.max_concurrent,
-            scheduler=asha(cfg, args.smoke),
+            scheduler=None if args.no_early_stop else asha(cfg, args.smoke, args.grace_period),
             callbacks=list(callbacks),
         )
-        grid, parent_run_id, statuses = fit(spec, resume=args.resume)
+        grid, parent_run_id, complete = fit(spec, resume=args.resume)
+        statuses = trial_statuses(grid)
         client = mlflow_client(uri)
-        rows = results_rows(grid, statuses, runs_by_trial(client, parent_run_id))
+        failures = trial_failures(grid)
+        rows = results_rows(grid, statuses, failures, runs_by_trial(client, parent_run_id))
         markdown = markdown_table(TABLE_HEADER, rows)
-        complete = all(s in ("TERMINATED", "ERROR") for s in statuses.values())
         title = f"## {args.name}: {len(rows)} trials ranked by validation mIoU"
         if not complete:
             title += " (interrupted: continue with --resume)"

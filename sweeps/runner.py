@@ -121,8 +121,10 @@ def make_trainable(spec: SweepSpec, parent_run_id: str):
 
 
 def fit(spec: SweepSpec, *, resume: bool = False):
-    """Run (or resume) the experiment; return (ResultGrid, parent_run_id, trial statuses).
+    """Run (or resume) the experiment; return (ResultGrid, parent_run_id, complete).
 
+    complete: every trial the search space asks for exists and ended (finished, stopped by ASHA
+    or failed for good).
     The parent run ends FINISHED when every trial ended, KILLED when the sweep was interrupted
     (resume it with resume=True) and FAILED on an error in the driver.
     """
@@ -160,6 +162,8 @@ def fit(spec: SweepSpec, *, resume: bool = False):
                     scheduler=spec.scheduler,
                     num_samples=spec.num_samples,
                     max_concurrent_trials=spec.max_concurrent,
+                    # A fresh process per trial: training leaves a process group behind.
+                    reuse_actors=False,
                 ),
                 run_config=tune.RunConfig(
                     name=spec.name,
@@ -183,10 +187,24 @@ def fit(spec: SweepSpec, *, resume: bool = False):
             client.set_terminated(parent_run_id, status=status)
 
 
+def expected_trials(spec: SweepSpec) -> int:
+    """Trials the search space asks for: grid cells x num_samples."""
+    cells = 1
+    for value in spec.param_space.values():
+        if isinstance(value, dict) and "grid_search" in value:
+            cells *= len(value["grid_search"])
+    return cells * spec.num_samples
+
+
 def trial_statuses(grid: Any) -> dict[str, str]:
     """trial id -> Tune status (TERMINATED, ERROR, PENDING, RUNNING, PAUSED)."""
     # ResultGrid exposes results but not trial states; the analysis behind it has them.
     return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+
+
+def trial_failures(grid: Any) -> dict[str, int]:
+    """trial id -> how many times the trial failed and was retried (or gave up)."""
+    return {t.trial_id: int(t.run_metadata.num_failures) for t in grid._experiment_analysis.trials}
 
 
 def child_runs(client: Any, parent_run_id: str) -> list[Any]:

@@ -115,6 +115,11 @@ def _link(src: Any, dst: Any) -> None:
         shutil.copy2(src, dst)
 
 
+# Set on the report made after training returned. (Tune's own "done" field is True on the last
+# result of any trial, also one that ASHA stopped.)
+FINISHED_KEY = "training_finished"
+
+
 def tune_result(iteration: int, metrics: dict[str, Any]) -> dict[str, Any]:
     """The numbers Tune sees from one evaluation (scalars only; per-class IoU goes to MLflow)."""
     result = {"iteration": int(iteration), "miou": float(metrics["miou"])}
@@ -139,7 +144,11 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
 
     final = _run_training(cfg, on_eval)
     tune.report(
-        {**tune_result(final["iteration"], final), "done": True, "run_id": final.get("run_id")}
+        {
+            **tune_result(final["iteration"], final),
+            FINISHED_KEY: True,
+            "run_id": final.get("run_id"),
+        }
     )
 
 
@@ -157,7 +166,6 @@ def train_trial_distributed(config: dict[str, Any], sweep: dict[str, Any]) -> No
     rank 0 forwards them through a Ray queue and this function reports them to Tune. The run dir
     must be on a filesystem every worker of the trial shares (DeepSpeed checkpoints need it too).
     """
-    import ray
     from ray import tune
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -198,13 +206,17 @@ def train_trial_distributed(config: dict[str, Any], sweep: dict[str, Any]) -> No
         else:
             final = metrics
     worker.join()
-    ray.kill(queue.actor)
+    queue.shutdown()
     if "error" in outcome:
         raise outcome["error"]
     if final is None:
         raise RuntimeError(f"trial {trial_id}: training ended without final metrics from rank 0")
     tune.report(
-        {**tune_result(final["iteration"], final), "done": True, "run_id": final.get("run_id")}
+        {
+            **tune_result(final["iteration"], final),
+            FINISHED_KEY: True,
+            "run_id": final.get("run_id"),
+        }
     )
 
 

@@ -415,7 +415,7 @@ def scenes_objects(rng: np.random.Generator, w: int, h: int) -> list[CsObject]:
         CsObject("road", np.array([[0, walk_l], [w - 1, walk_r], [w - 1, h - 1], [0, h - 1]]))
     )
     for _ in range(int(rng.integers(0, 3))):
-        pw = max(3, int(rng.uniform(4, 7) * sx))
+        pw = max(4, int(rng.uniform(6, 10) * sx))  # >= ~1 feature cell at stride 8
         px = int(rng.uniform(0, w - pw))
         bottom = horizon + int((min(walk_l, walk_r) - horizon) * 0.7)
         top = int(rng.uniform(0.08 * h, horizon - 0.15 * h))
@@ -843,7 +843,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "16-bit, polygons.json), all 34 label ids in every image (license plates only in the "
             "json, as in the real labelIds). voc: VOC2012/ (JPEGImages, palette PNGs with the 255 "
             "border, ImageSets/Segmentation) + SBD/dataset/ (cls/*.mat GTcls, train.txt, val.txt; "
-            "SBD overlaps VOC val). cocostuff10k: images/, annotations/*.mat (S 1-based, names), "
+            "SBD holds half of VOC train, half of VOC val and max(2, train/2) images of its own). "
+            "cocostuff10k: images/, annotations/*.mat (S 1-based, names), "
             "imageLists/{train,test,all}.txt. cocostuff164k: images/{train,val}2017/*.jpg + "
             "stuffthingmaps/{train,val}2017/*.png (0-based ids, 255 unlabeled). scenes: a "
             "learnable street-scene task in Cityscapes layout (road, sidewalk, building, pole, "

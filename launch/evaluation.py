@@ -77,6 +77,4 @@ def _all_reduce(cm: ConfusionMatrix, ignore_index: int) -> ConfusionMatrix:
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    out = ConfusionMatrix.from_tensor(t.cpu())
-    out.ignore_index = ignore_index
-    return out
+    return ConfusionMatrix.from_tensor(t.cpu(), ignore_index=ignore_index)

@@ -132,9 +132,10 @@ def _deepspeed_run(rank: int, run_dir: str, port: int) -> None:
     import deepspeed
 
     from launch.checkpoint import CheckpointManager
+    from launch.distributed import init_distributed, world_from_env
 
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(world_from_env())  # gloo; skips DeepSpeed's JIT-built shared-memory op
     cfg = _cfg()
     torch.manual_seed(0)
     model = build_model(cfg.model)

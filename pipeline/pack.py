@@ -334,7 +334,13 @@ def ray_session(workers: int, ray_address: str | None):
         yield
         return
     if ray_address:
-        ray.init(address=ray_address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=ray_address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PackError(
+                f"cannot connect to the Ray cluster at {ray_address}: {reason}"
+            ) from None
     else:
         ray.init(
             num_cpus=workers,
@@ -522,8 +528,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.src}: --src folder does not exist", file=sys.stderr)
         return 1
     use_ray = args.workers > 1 or bool(args.ray_address)
-    with ray_session(args.workers, args.ray_address) if use_ray else contextlib.nullcontext():
-        return _pack_splits(args, source, splits, max_count)
+    try:
+        with ray_session(args.workers, args.ray_address) if use_ray else contextlib.nullcontext():
+            return _pack_splits(args, source, splits, max_count)
+    except PackError as e:  # the Ray cluster could not be reached
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def _pack_splits(args: argparse.Namespace, source: DatasetSource, splits, max_count) -> int:

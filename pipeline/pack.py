@@ -342,7 +342,10 @@ def ray_session(workers: int, ray_address: str | None):
                 f"cannot connect to the Ray cluster at {ray_address}: {reason}"
             ) from None
     else:
+        # address="local": never attach to a cluster named by a leftover
+        # /tmp/ray/ray_current_cluster from an earlier `ray start`.
         ray.init(
+            address="local",
             num_cpus=workers,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

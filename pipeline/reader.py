@@ -230,7 +230,8 @@ def _worker() -> tuple[int, int]:
     info = get_worker_info()
     if info is None:
         return 0, 1
-    cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
+    # No cv2.setNumThreads(1) here: in a forked worker it can block forever joining the
+    # parent's OpenCV pool threads (seen after the parent resized 2048x1024 images).
     return info.id, info.num_workers
 
 

@@ -13,6 +13,13 @@ Measurements (one function each; add more to MEASUREMENTS):
 - integrity: packs in-process with OpenCV's imdecode/imencode counted: each image must be
   decoded exactly once (the validation decode), only single-channel labels may be encoded,
   and every packed image must equal its source file byte for byte.
+- loader: decoded + augmented samples/s per worker of the shard reader
+  (pipeline.reader.TrainStream over the packed shards) against a plain file loader (a torch
+  DataLoader whose workers cv2.imread the original PNG image and labelIds PNG, map the ids to
+  train ids and apply the same pipeline.transforms.TrainAugment: scale 0.5-2.0, crop 769,
+  flip), for each worker count. Per run the first batch (worker start-up, shuffle-buffer
+  fill) is not timed; the best of the runs is kept. Goal: the shard loader at least matches
+  the file loader per core.
 The machine's load average is recorded with the figures: on a shared machine they move.
 """
 
@@ -31,11 +38,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from cdgcnet.labels import CITYSCAPES
 from pipeline import pack as pack_mod
 from pipeline import synth
+from pipeline.reader import TrainStream
 from pipeline.sources import SOURCES
 from pipeline.sources import base as sources_base
+from pipeline.transforms import TrainAugment
 
 SIZE = (2048, 1024)  # (width, height) of Cityscapes frames
 MAX_COUNT = 2
@@ -141,9 +154,89 @@ def _images_identical(src: Path, split_dir: Path, manifest: dict) -> int:
     return same
 
 
+LOADER_CROP = 769  # the Cityscapes preset's crop
+
+
+class FileLoaderDataset(Dataset):
+    """The plain loader: original files through cv2.imread, then the reader's augmentation."""
+
+    def __init__(self, src: Path, split: str = "train", seed: int = 0) -> None:
+        self.samples = SOURCES["cityscapes"].list_split(src, split)
+        self.augment = TrainAugment(LOADER_CROP)
+        self.lut = CITYSCAPES.lut()
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.samples[i]
+        image = cv2.imread(str(s.image_path), cv2.IMREAD_COLOR_RGB)
+        label = self.lut[cv2.imread(str(s.label_path), cv2.IMREAD_UNCHANGED)]
+        image, label = self.augment(image, label, np.random.default_rng([self.seed, i]))
+        return torch.from_numpy(image), torch.from_numpy(label.astype(np.int64))
+
+
+def _samples_per_s(batches, n_batches: int, batch_size: int) -> float:
+    """Samples/s over batches 2..n of one run (the first pays for start-up)."""
+    it = iter(batches)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(n_batches - 1):
+        next(it)
+    return (n_batches - 1) * batch_size / (time.perf_counter() - t0)
+
+
+def _shard_loader_rate(split_dir: Path, workers: int, batch: int, n_batches: int) -> float:
+    stream = TrainStream(
+        split_dir, batch_size=batch, crop_size=LOADER_CROP, batches_per_epoch=n_batches,
+        num_workers=workers, shuffle_buffer=8,
+    )  # fmt: skip
+    return _samples_per_s(stream, n_batches, batch)
+
+
+def _file_loader_rate(src: Path, workers: int, batch: int, n_batches: int) -> float:
+    ds = FileLoaderDataset(src)
+    sampler = RandomSampler(
+        ds, replacement=True, num_samples=n_batches * batch,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers)
+    return _samples_per_s(loader, n_batches, batch)
+
+
+def measure_loader(
+    src: Path, workdir: Path, worker_counts: list[int], repeats: int, batch: int, n_batches: int
+) -> dict:
+    """Samples/s (total and per worker) of the shard reader and of the plain file loader."""
+    m = pack_mod.pack_split(
+        SOURCES["cityscapes"], src, workdir / "shards", "train", max_count=8, progress=False
+    )
+    split_dir = workdir / "shards" / "train"
+    pngs = [p.stat().st_size for p in (src / "leftImg8bit" / "train").glob("*/*.png")]
+    out: dict = {"images": m["num_samples"], "crop": LOADER_CROP, "batch_size": batch,
+                 "timed_samples_per_run": (n_batches - 1) * batch, "repeats": repeats,
+                 "mean_png_mb": statistics.mean(pngs) / 1e6, "by_workers": {}}  # fmt: skip
+    for w in worker_counts:
+        rec = {}
+        for name, rate, where in (
+            ("shards", _shard_loader_rate, split_dir),
+            ("files", _file_loader_rate, src),
+        ):
+            runs = [rate(where, w, batch, n_batches) for _ in range(repeats)]
+            rec[name] = {"runs": runs, "samples_per_s": max(runs),
+                         "samples_per_s_per_worker": max(runs) / w}  # fmt: skip
+        rec["shards_over_files"] = rec["shards"]["samples_per_s"] / rec["files"]["samples_per_s"]
+        out["by_workers"][str(w)] = rec
+    return out
+
+
 MEASUREMENTS: dict[str, Callable[[argparse.Namespace, Path, Path], dict]] = {
     "packing": lambda a, src, wd: measure_packing(src, wd, a.workers, a.repeats),
     "packing_integrity": lambda a, src, wd: measure_integrity(src, wd),
+    "loader": lambda a, src, wd: measure_loader(
+        src, wd, a.workers, a.repeats, a.loader_batch_size, a.loader_batches
+    ),
 }
 
 
@@ -158,6 +251,20 @@ def print_table(results: dict) -> None:
         for w, r in p["by_workers"].items():
             print(f"| Ray | {w} | {r['images_per_s']:.2f} | {r.get('speedup_vs_1', float('nan')):.2f}x"
                   f" | {r['ray_startup_s']:.1f} |")  # fmt: skip
+    ld = results.get("loader")
+    if ld:
+        print(f"\nloader, {ld['images']} images at {SIZE[0]}x{SIZE[1]} (PNG {ld['mean_png_mb']:.1f} MB), "
+              f"crop {ld['crop']}, {ld['timed_samples_per_run']} timed samples per run, "
+              f"best of {ld['repeats']}")  # fmt: skip
+        print(
+            "| workers | shards samples/s | per worker | files samples/s | per worker | shards/files |"
+        )
+        print("|---|---|---|---|---|---|")
+        for w, r in ld["by_workers"].items():
+            sh, fi = r["shards"], r["files"]
+            print(f"| {w} | {sh['samples_per_s']:.2f} | {sh['samples_per_s_per_worker']:.2f} "
+                  f"| {fi['samples_per_s']:.2f} | {fi['samples_per_s_per_worker']:.2f} "
+                  f"| {r['shards_over_files']:.2f} |")  # fmt: skip
     i = results.get("packing_integrity")
     if i:
         print(f"\nintegrity: {i['image_decodes']} image decodes for {i['images']} images, "
@@ -171,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (median)")
     p.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS), help="run only these")
+    p.add_argument("--loader-batch-size", type=int, default=2, help="loader: batch size")
+    p.add_argument("--loader-batches", type=int, default=9, help="loader: batches per run")
     p.add_argument("--workdir", help="keep data here (default: a temporary folder)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)

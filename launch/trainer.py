@@ -369,6 +369,7 @@ class Trainer:
                 resume_run_id=client.get("mlflow_run_id"),
             )
             if w.is_main:
+                _write_atomic(self.run_dir / "launch.txt", self._launch_text())
                 self.tracker.log_text(self._launch_text(), "launch.txt")
             result = self._loop(engine, train_stream, val_stream, start, rng)
         except BaseException:

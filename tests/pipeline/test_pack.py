@@ -355,3 +355,17 @@ def test_cli_errors_exit_nonzero_without_traceback(tmp_path):
     # checked before any Ray start-up
     assert run_pack("cityscapes", "--src", tmp_path / "nowhere", "--out", tmp_path / "o") == 1
     assert run_pack("cityscapes", "--src", empty, "--out", tmp_path / "o", "--splits", "bogus") == 2
+
+
+def test_max_size_option_groups_by_bytes(tmp_path):
+    write_cityscapes(tmp_path / "src", "train", n=6)
+    samples = SOURCES["cityscapes"].list_split(tmp_path / "src", "train")
+    sizes = [s.image_path.stat().st_size + s.label_path.stat().st_size + 3072 for s in samples]
+    assert run_pack("cityscapes", "--src", tmp_path / "src", "--out", tmp_path / "out", "--splits",
+                    "train", "--workers", "1", "--max-size", str(sum(sizes[:3]))) == 0  # fmt: skip
+    m = json.loads((tmp_path / "out/train/manifest.json").read_text())
+    assert [s["num_samples"] for s in m["shards"]] == [3, 3]
+    with pytest.raises(SystemExit) as e:  # the two limits exclude each other
+        run_pack("cityscapes", "--src", tmp_path / "src", "--out", tmp_path / "o2",
+                 "--max-size", "1", "--max-count", "2")  # fmt: skip
+    assert e.value.code == 2

@@ -9,7 +9,7 @@ optimizer step. Variants, all in the same processes and taking turns step by ste
 - zero1, zero2, zero3: deepspeed.initialize with that stage and the same client SGD
 Each world size is one launch of `torchrun --standalone --nproc_per_node W` with
 DS_ACCELERATOR=cpu and the gloo backend (DeepSpeed's shared-memory comm op is disabled, as in
-launch/distributed.py); each rank uses cores // W threads. A step is timed on rank 0 between
+launch/distributed.py); each rank uses --threads (default cores // W). A step is timed on rank 0 between
 barriers. overhead_pct = (median step of the stage / median step of plain - 1) * 100.
 --smoke: crop 65, one timed step (script check).
 """
@@ -52,7 +52,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or 1)
     import deepspeed
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=None, help="per rank (cores // world)")
     args = ap.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in args.variants if v not in VARIANTS]
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hardware: {hw}")
     rows: list[dict[str, Any]] = []
     for world in worlds:
-        threads = max(cores // world, 1)
+        threads = args.threads or max(cores // world, 1)
         res = launch(world, args, threads)
         if "error" in res:
             print(res["error"], file=sys.stderr)

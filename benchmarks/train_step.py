@@ -206,6 +206,8 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> lis
     tv = next((r for r in rows if r["case"] == "torchvision"), None)
     for r in rows:
         r["time_vs_baseline"] = round(r["step_ms"] / base["step_ms"], 3)
+        # Ratio of the fastest steps: on a shared machine the least-disturbed estimate.
+        r["time_vs_baseline_min"] = round(r["step_ms_min"] / base["step_ms_min"], 3)
         if r.get("peak_mem_mb") and base.get("peak_mem_mb"):
             r["mem_vs_baseline"] = round(r["peak_mem_mb"] / base["peak_mem_mb"], 3)
         if tv is not None:

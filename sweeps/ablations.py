@@ -23,6 +23,7 @@ from typing import Any
 from sweeps.common import (
     absolute,
     base_config,
+    check_tracking_reach,
     config_hash,
     default_experiment,
     init_ray,
@@ -58,6 +59,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=">1: a DeepSpeed trial over that many GPUs (default 1 with GPUs, else 0)",
     )
     p.add_argument(
+        "--workers-per-trial",
+        type=int,
+        default=None,
+        help="DeepSpeed ranks per trial (Ray Train workers; default one per GPU, at least 1)",
+    )
+    p.add_argument(
         "--cpus-per-trial", type=float, default=None, help="default: 1 with --smoke, else 4"
     )
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray size (default: all)")
@@ -79,6 +86,7 @@ class Settings:
     storage: Path
     cpus_per_trial: float
     gpus_per_trial: float
+    workers_per_trial: int | None
     max_failures: int
     address: str | None  # Ray, started on first use: reruns that reuse every row need none
     num_cpus: int
@@ -134,6 +142,7 @@ def train_rows(
             tags={"table": str(table)},
             cpus_per_trial=s.cpus_per_trial,
             gpus_per_trial=s.gpus_per_trial,
+            workers_per_trial=s.workers_per_trial,
             max_failures=s.max_failures,
             parent_run_id=parent_run_id,
         )
@@ -296,6 +305,7 @@ def run_ablations(args: argparse.Namespace) -> dict[int, tuple[str, list[Line]]]
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     numbers = sorted(TABLES) if args.table == "all" else [int(args.table)]
     out = {}
+    check_tracking_reach(args.address, args.tracking_uri)
     with tracking_server(args.tracking_uri) as uri:
         s = Settings(
             config=config,
@@ -306,6 +316,7 @@ def run_ablations(args: argparse.Namespace) -> dict[int, tuple[str, list[Line]]]
             storage=storage,
             cpus_per_trial=args.cpus_per_trial or (1.0 if args.smoke else 4.0),
             gpus_per_trial=gpus,
+            workers_per_trial=args.workers_per_trial,
             max_failures=args.max_failures,
             address=args.address,
             num_cpus=args.num_cpus or cpu_count(),

@@ -147,8 +147,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    # Trials import the project from the driver's checkout when they run on a remote cluster.
-    runtime_env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
+    # Ray gives each trial OMP_NUM_THREADS = its CPUs; a value set here (tests) wins.
+    threads = os.environ.get("OMP_NUM_THREADS")
+    runtime_env = {"env_vars": {"OMP_NUM_THREADS": threads}} if threads else None
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return
@@ -161,6 +162,19 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         runtime_env=runtime_env,
         log_to_driver=True,
     )
+
+
+def check_tracking_reach(address: str | None, tracking_uri: str | None) -> None:
+    """Warn when trials on other nodes could not reach a server the sweep starts on 127.0.0.1."""
+    from sweeps.mlflow_server import resolve_tracking_uri, sqlite_path
+
+    if address and sqlite_path(resolve_tracking_uri(tracking_uri)) is not None:
+        print(
+            "warning: the MLflow server for a SQLite store listens on 127.0.0.1 of this machine; "
+            "trials on other nodes of the cluster cannot reach it. Give --tracking-uri "
+            "http://HOST:PORT of a tracking server every node reaches.",
+            file=sys.stderr,
+        )
 
 
 def format_value(value: Any) -> str:

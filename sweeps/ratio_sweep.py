@@ -22,6 +22,7 @@ from sweeps.common import (
     SEARCH_KEYS,
     absolute,
     base_config,
+    check_tracking_reach,
     csv_text,
     default_experiment,
     init_ray,
@@ -107,6 +108,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help=">1: a DeepSpeed trial over that many GPUs (default 1 with GPUs, else 0)",
+    )
+    p.add_argument(
+        "--workers-per-trial",
+        type=int,
+        default=None,
+        help="DeepSpeed ranks per trial (Ray Train workers; default one per GPU, at least 1)",
     )
     p.add_argument(
         "--cpus-per-trial", type=float, default=None, help="default: 1 with --smoke, else 4"
@@ -230,6 +237,7 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
     if gpus is None:
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     cpus = args.cpus_per_trial or (1.0 if args.smoke else 4.0)
+    check_tracking_reach(args.address, args.tracking_uri)
     with tracking_server(args.tracking_uri) as uri:
         init_ray(args.address, args.num_cpus or cpu_count())
         spec = SweepSpec(
@@ -244,6 +252,7 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
             num_samples=args.num_samples,
             cpus_per_trial=cpus,
             gpus_per_trial=gpus,
+            workers_per_trial=args.workers_per_trial,
             max_failures=args.max_failures,
             max_concurrent=args.max_concurrent,
             scheduler=None if args.no_early_stop else asha(cfg, args.smoke, args.grace_period),

@@ -33,6 +33,7 @@ class SweepSpec:
     num_samples: int = 1
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    workers_per_trial: int | None = None  # DeepSpeed ranks per trial (None: one per GPU, >= 1)
     max_failures: int = 2
     max_concurrent: int | None = None
     scheduler: Any = None  # e.g. ASHAScheduler(time_attr="iteration", ...)
@@ -46,6 +47,10 @@ class SweepSpec:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
             raise ValueError(f"gpus_per_trial above 1 must be whole, got {self.gpus_per_trial}")
+        if self.workers_per_trial is None:
+            self.workers_per_trial = max(1, int(self.gpus_per_trial))
+        if self.workers_per_trial < 1:
+            raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
 
     @property
     def experiment_dir(self) -> Path:
@@ -110,11 +115,17 @@ def make_trainable(spec: SweepSpec, parent_run_id: str):
         "experiment": spec.experiment,
         "tags": dict(spec.tags),
         "runs_root": str(spec.experiment_dir / "runs"),
-        "gpus_per_trial": spec.gpus_per_trial,
+        "workers": spec.workers_per_trial,
+        "use_gpu": spec.gpus_per_trial > 0,
+        "worker_resources": {
+            "CPU": spec.cpus_per_trial / spec.workers_per_trial,
+            "GPU": spec.gpus_per_trial / spec.workers_per_trial,
+        },
     }
-    if spec.gpus_per_trial > 1:
-        # The Ray Train workers ask for their own GPUs; the trial function only coordinates.
-        fn, resources = train_trial_distributed, {"cpu": 1}
+    if spec.workers_per_trial > 1:
+        # The Ray Train workers ask for the trial's CPUs and GPUs; the trial function only
+        # coordinates them.
+        fn, resources = train_trial_distributed, {"cpu": 0.01}
     else:
         fn, resources = train_trial, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
     return tune.with_resources(tune.with_parameters(fn, sweep=sweep), resources)
@@ -176,10 +187,11 @@ def fit(spec: SweepSpec, *, resume: bool = False):
             )
         grid = tuner.fit()
         statuses = trial_statuses(grid)
-        status = (
-            "FINISHED" if all(s in ("TERMINATED", "ERROR") for s in statuses.values()) else "KILLED"
+        complete = len(statuses) >= expected_trials(spec) and all(
+            s in ("TERMINATED", "ERROR") for s in statuses.values()
         )
-        return grid, parent_run_id, statuses
+        status = "FINISHED" if complete else "KILLED"
+        return grid, parent_run_id, complete
     finally:
         exp = client.get_run(parent_run_id).info.experiment_id
         close_unfinished_children(client, exp, parent_run_id)

@@ -10,7 +10,7 @@ so that a resumed sweep hands trials the current MLflow server address. Merged, 
     ratio, fusion, alpha, beta, gamma   searched values (optional; see common.SEARCH_KEYS)
     tracking_uri, parent_run_id, experiment, tags   MLflow nesting
     runs_root       absolute folder holding every trial's run dir
-    gpus_per_trial  > 1: a DeepSpeed trial over that many Ray Train workers
+    workers, use_gpu, worker_resources   > 1 worker: a DeepSpeed trial over Ray Train workers
 
 Fault tolerance: each evaluation is reported to Tune with a checkpoint of the run dir. A retried
 or resumed trial keeps its run dir when it is still there (same machine) and otherwise restores
@@ -161,7 +161,7 @@ def _run_training(cfg: Any, on_eval: Callable[[int, dict], None] | None) -> dict
 def train_trial_distributed(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     """Tune function trainable for a multi-GPU DeepSpeed trial.
 
-    A Ray Train TorchTrainer with `gpus_per_trial` workers runs `launch.train.run` on every rank.
+    A Ray Train TorchTrainer with `workers` workers runs `launch.train.run` on every rank.
     Only rank 0 sees evaluations (on_eval), while `ray.train.report` is a barrier over all ranks, so
     rank 0 forwards them through a Ray queue and this function reports them to Tune. The run dir
     must be on a filesystem every worker of the trial shares (DeepSpeed checkpoints need it too).
@@ -176,11 +176,16 @@ def train_trial_distributed(config: dict[str, Any], sweep: dict[str, Any]) -> No
     run_dir = run_dir_of(config, trial_id)
     restore_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    queue = Queue()
+    # No CPU: it must fit in the trial's placement group, whose CPUs the workers hold.
+    queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         _distributed_worker,
         train_loop_config={**config, "trial_id": trial_id, "queue": queue},
-        scaling_config=ScalingConfig(num_workers=int(config["gpus_per_trial"]), use_gpu=True),
+        scaling_config=ScalingConfig(
+            num_workers=int(config["workers"]),
+            use_gpu=bool(config["use_gpu"]),
+            resources_per_worker={k: v for k, v in config["worker_resources"].items() if v > 0},
+        ),
         run_config=RunConfig(
             name=f"{trial_id}-ranks", storage_path=str(Path(config["runs_root"]) / "ray-train")
         ),

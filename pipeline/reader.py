@@ -12,15 +12,15 @@ rank that ran out.
 Exact resumption. Batch i of an epoch comes from worker stream i % num_workers (the DataLoader
 round-robins over its workers and returns results in order; a resumed iteration rotates which
 process runs which stream), and each worker stream is a pure function of (seed, rank, stream,
-epoch): the shard draws and the shuffle are seeded, and each sample's
-augmentation uses a Generator seeded by (seed, rank, stream, epoch, position in the
-stream). The state is therefore just (epoch, step). To resume at step k, stream w skips the
-``len(range(w, k, num_workers)) * batch_size`` samples it had already delivered, right after the
-shuffle buffer and before any decoding, so fast-forward costs only reading tar bytes. A resumed
-stream yields exactly the batches the uninterrupted one would have, provided the seed, rank,
-world size, workers, batch size and shards are the same (load_state_dict checks them). One
-limit: with on_corrupt="skip", a sample that fails to decode inside the skipped prefix is not
-detected again, so the resumed batches are shifted by it.
+epoch): the shard draws and the shuffle are seeded, and each sample's augmentation uses a
+Generator seeded by (seed, rank, stream, epoch, position in the stream). The state is therefore
+just (epoch, step). To resume at step k, stream w skips the ``len(range(w, k, num_workers)) *
+batch_size`` samples it had already delivered, right after the shuffle buffer and before any
+decoding, so fast-forward costs only reading tar bytes. A resumed stream yields exactly the
+batches the uninterrupted one would have, provided the seed, rank, world size, workers, batch
+size, augmentation and shards are the same (load_state_dict checks them). Each epoch starts
+fresh worker processes. One limit: with on_corrupt="skip", a sample that fails to decode
+inside the skipped prefix is not detected again, so the resumed batches are shifted by it.
 
 Evaluation stream. The manifest's shard order and per-shard keys define a global sample order;
 rank r gets one contiguous range of it (sizes differ by at most one, no padding), and reads only
@@ -289,7 +289,9 @@ class _TrainWorkerStream(IterableDataset):
                     yield sample
                 barren = 0 if got else barren + 1
                 if barren > 10 * len(self.shards) + 10:
-                    raise ShardError(f"no readable sample in {barren} shard draws; {log.reasons}")
+                    raise ShardError(
+                        f"no readable sample in {barren} shard draws: {log.reasons[:3]}"
+                    )
 
         return iter(
             wds.DataPipeline(

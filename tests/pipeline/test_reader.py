@@ -378,6 +378,20 @@ def test_train_truncated_shard_raises_from_worker(split, tmp_path):
         list(TrainStream(folder, batch_size=2, crop_size=16, num_workers=2, shuffle_buffer=4))
 
 
+@pytest.mark.parametrize("member", ["s02_000.png", "s02_000.label.png"])
+def test_flipped_byte_names_the_shard(split, tmp_path, member):
+    """One flipped bit inside a PNG member (its CRC catches it) fails naming shard and key."""
+    folder = _copy_split(split[0], tmp_path / "f")
+    path = folder / "toy-train-000002.tar"
+    with tarfile.open(path) as tar:
+        info = tar.getmember(member)
+    data = bytearray(path.read_bytes())
+    data[info.offset_data + info.size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"toy-train-000002\.tar: sample s02_000"):
+        list(EvalStream(folder, num_workers=2))
+
+
 def test_shard_missing_samples_is_detected(split, tmp_path):
     """A tar that ends early at a member boundary parses cleanly; the manifest catches it."""
     folder = _copy_split(split[0], tmp_path / "m")

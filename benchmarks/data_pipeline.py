@@ -18,7 +18,7 @@ Measurements (one function each; add more to MEASUREMENTS):
   DataLoader whose workers cv2.imread the original PNG image and labelIds PNG, map the ids to
   train ids and apply the same pipeline.transforms.TrainAugment: scale 0.5-2.0, crop 769,
   flip), for each worker count. Per run the first batch (worker start-up, shuffle-buffer
-  fill) is not timed; the best of the runs is kept. Goal: the shard loader at least matches
+  fill) is not timed; runs of the two loaders alternate and the median is kept. Goal: the shard loader at least matches
   the file loader per core.
 The machine's load average is recorded with the figures: on a shared machine they move.
 """
@@ -225,15 +225,17 @@ def measure_loader(
     out: dict = {"images": m["num_samples"], "crop": LOADER_CROP, "batch_size": batch,
                  "timed_samples_per_run": (n_batches - 1) * batch, "repeats": repeats,
                  "mean_png_mb": statistics.mean(pngs) / 1e6, "by_workers": {}}  # fmt: skip
+    loaders = {"shards": (_shard_loader_rate, split_dir), "files": (_file_loader_rate, src)}
     for w in worker_counts:
-        rec = {}
-        for name, rate, where in (
-            ("shards", _shard_loader_rate, split_dir),
-            ("files", _file_loader_rate, src),
-        ):
-            runs = [rate(where, w, batch, n_batches) for _ in range(repeats)]
-            rec[name] = {"runs": runs, "samples_per_s": max(runs),
-                         "samples_per_s_per_worker": max(runs) / w}  # fmt: skip
+        runs: dict[str, list[float]] = {name: [] for name in loaders}
+        for _ in range(repeats):  # interleaved, so a change in machine load hits both alike
+            for name, (rate, where) in loaders.items():
+                runs[name].append(rate(where, w, batch, n_batches))
+        rec: dict = {
+            name: {"runs": r, "samples_per_s": statistics.median(r),
+                   "samples_per_s_per_worker": statistics.median(r) / w}
+            for name, r in runs.items()
+        }  # fmt: skip
         rec["shards_over_files"] = rec["shards"]["samples_per_s"] / rec["files"]["samples_per_s"]
         out["by_workers"][str(w)] = rec
     return out
@@ -265,7 +267,7 @@ def print_table(results: dict) -> None:
     if ld:
         print(f"\nloader, {ld['images']} images at {SIZE[0]}x{SIZE[1]} (PNG {ld['mean_png_mb']:.1f} MB), "
               f"crop {ld['crop']}, {ld['timed_samples_per_run']} timed samples per run, "
-              f"best of {ld['repeats']}")  # fmt: skip
+              f"median of {ld['repeats']}")  # fmt: skip
         print(
             "| workers | shards samples/s | per worker | files samples/s | per worker | shards/files |"
         )
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (median)")
     p.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS), help="run only these")
     p.add_argument("--loader-batch-size", type=int, default=2, help="loader: batch size")
-    p.add_argument("--loader-batches", type=int, default=9, help="loader: batches per run")
+    p.add_argument("--loader-batches", type=int, default=21, help="loader: batches per run")
     p.add_argument("--workdir", help="keep data here (default: a temporary folder)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)

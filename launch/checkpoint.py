@@ -169,6 +169,8 @@ class CheckpointManager:
         path = Path(resume)
         if not path.is_dir():
             raise CheckpointError(f"{path}: --resume path is not a checkpoint directory")
+        if path.name.startswith(PREFIX):
+            return read_info(path)  # a tag directory: complete or refused
         if not (path / MARKER).is_file():
             latest = latest_complete(path)  # a checkpoints/ root was given
             if latest is None:

@@ -456,9 +456,10 @@ class Trainer:
                     finite_all &= finite
                     for k, v in terms.items():
                         sums[k] = sums.get(k, 0.0) + v / self.accum
-                self._nonfinite_policy(finite_all, it)
+                self._count_nonfinite(finite_all, it)
                 dt = time.perf_counter() - t0
                 self._record(it, lr, sums, finite_all, engine, images_per_iter / dt)
+                self._stop_if_nonfinite(it)
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{sums.get('total', float('nan')):.4f}",
@@ -480,7 +481,7 @@ class Trainer:
         self._export(engine, metrics)
         return metrics
 
-    def _nonfinite_policy(self, finite: bool, it: int) -> None:
+    def _count_nonfinite(self, finite: bool, it: int) -> None:
         if finite:
             self.nonfinite_run = 0
             return
@@ -490,6 +491,8 @@ class Trainer:
             f"iteration {it}: non-finite loss, step skipped "
             f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)"
         )
+
+    def _stop_if_nonfinite(self, it: int) -> None:
         if self.nonfinite_run >= self.cfg.runtime.max_nonfinite:
             raise NonFiniteLossError(
                 f"{self.nonfinite_run} non-finite losses in a row (iterations "

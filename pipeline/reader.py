@@ -176,12 +176,16 @@ def _read_shard(
                 f"manifest keys not found (first: {missing[0]})"
             )
     except Exception as exn:
-        err = exn if isinstance(exn, ShardError) else None
-        if err is None:
-            err = ShardError(f"{shard.path}: corrupt shard ({type(exn).__name__}: {exn})")
+        if isinstance(exn, ShardError):
+            reason = str(exn)
+        else:
+            reason = f"{shard.path}: corrupt shard ({type(exn).__name__}: {exn})"
+        if on_corrupt == "raise" and isinstance(exn, ShardError):
+            raise
         if on_corrupt == "raise":
-            raise err from exn
-        log.add(max(len(want) - delivered, 0), str(err))
+            raise ShardError(reason) from exn
+        # the rest of the shard is lost: count what was wanted and not delivered
+        log.add(max(len(want) - delivered, 0), reason)
 
 
 def _complete(sample: dict) -> dict:
@@ -245,6 +249,9 @@ def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
         batch_size=None,  # the dataset batches; each item is one batch or one eval sample
         num_workers=num_workers,
         prefetch_factor=2 if num_workers > 0 else None,
+        # Its own generator: creating the loader leaves the global torch RNG alone (the streams
+        # are seeded explicitly and never use the worker seeds it derives).
+        generator=torch.Generator().manual_seed(0),
     )
 
 

@@ -284,6 +284,15 @@ def test_train_resume_is_exact(split, num_workers, stop):
     assert resumed.epoch == 1 and resumed.step == 3
 
 
+def test_streams_leave_the_global_rngs_alone(split):
+    folder, _ = split
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    list(TrainStream(folder, batch_size=2, crop_size=16, batches_per_epoch=2, num_workers=2))
+    list(EvalStream(folder, num_workers=0))
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    np.testing.assert_array_equal(np.random.get_state()[1], np_state)
+
+
 def test_train_resume_refuses_other_settings(split):
     folder, _ = split
     kw = dict(batch_size=2, crop_size=16, num_workers=0)

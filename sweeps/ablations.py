@@ -329,7 +329,12 @@ def run_ablations(args: argparse.Namespace) -> dict[int, tuple[str, list[Line]]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    results = run_ablations(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        results = run_ablations(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # ConfigError included
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     unfinished = [n for n, (_, lines) in results.items() if any(x.miou is None for x in lines)]
     return 1 if unfinished else 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
     )
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the dataset)")
-    p.add_argument("--name", default="ratio-sweep", help="sweep name (Tune folder, parent run)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="sweep name: Tune folder and parent run (default ratio-sweep-<time>; "
+        "with --resume the newest sweep in --storage)",
+    )
     p.add_argument("--storage", default="runs/sweeps", help="Tune results and trial run dirs")
     p.add_argument("--max-failures", type=int, default=2, help="retries per trial")
     p.add_argument(
@@ -224,6 +230,18 @@ def _status_word(status: str | None, error: Any) -> str:
     return "unfinished"
 
 
+def sweep_name(name: str | None, storage: Path, resume: bool) -> str:
+    """The given name; else a new timestamped one, or with resume the newest sweep in storage."""
+    if name:
+        return name
+    if not resume:
+        return f"ratio-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    states = sorted(storage.glob("*.sweep.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        raise FileNotFoundError(f"{storage}: no sweep to resume (no *.sweep.json)")
+    return states[-1].name.removesuffix(".sweep.json")
+
+
 def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepOutcome:
     """The whole sweep; `callbacks` are extra tune.Callback objects."""
     import torch
@@ -237,18 +255,20 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
     if gpus is None:
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     cpus = args.cpus_per_trial or (1.0 if args.smoke else 4.0)
+    name = sweep_name(args.name, storage, args.resume)
+    print(f"sweep {name!r}: Tune results in {storage / name}")
     check_tracking_reach(args.address, args.tracking_uri)
     with tracking_server(args.tracking_uri) as uri:
         init_ray(args.address, args.num_cpus or cpu_count())
         spec = SweepSpec(
-            name=args.name,
+            name=name,
             config=config,
             overrides=overrides,
             param_space=search_space(args.search, args.smoke, args.ratios, args.fusions),
             storage=storage,
             experiment=args.experiment or default_experiment(cfg, args.smoke),
             tracking_uri=uri,
-            tags={"sweep": args.name},
+            tags={"sweep": name},
             num_samples=args.num_samples,
             cpus_per_trial=cpus,
             gpus_per_trial=gpus,
@@ -264,7 +284,7 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
         failures = trial_failures(grid)
         rows = results_rows(grid, statuses, failures, runs_by_trial(client, parent_run_id))
         markdown = markdown_table(TABLE_HEADER, rows)
-        title = f"## {args.name}: {len(rows)} trials ranked by validation mIoU"
+        title = f"## {name}: {len(rows)} trials ranked by validation mIoU"
         if not complete:
             title += " (interrupted: continue with --resume)"
         print(f"\n{title}\n\n{markdown}")
@@ -274,7 +294,12 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    outcome = run_sweep(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        outcome = run_sweep(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # ConfigError included
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0 if outcome.complete else 130
 
 

@@ -147,3 +147,74 @@ def test_asha_rungs_lie_before_the_final_evaluation(iterations, every, smoke, ru
     got = sorted(m for m, _ in scheduler._brackets[0]._rungs)
     assert got == rungs
     assert max(got) <= iterations - (every or iterations)
+
+
+def _fake_run_dir(root: Path) -> Path:
+    """A run dir as training leaves it: two complete checkpoints, one half-written, the export."""
+    import json
+
+    run_dir = root / "trial"
+    for it, complete in ((2, True), (4, True), (6, False)):
+        tag = run_dir / "checkpoints" / f"iter_{it:08d}"
+        tag.mkdir(parents=True)
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"w" * it)
+        if complete:
+            (tag / "COMPLETE").write_text(json.dumps({"iteration": it, "world_size": 1}))
+    (run_dir / "checkpoints" / "zero_to_fp32.py").write_text("#")
+    for name in ("config.json", "metrics.jsonl", "failed_once_at_3", "model.pt"):
+        (run_dir / name).write_text(name)
+    return run_dir
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_reported_checkpoint_holds_the_newest_complete_checkpoint_and_small_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ray import tune
+
+    from sweeps.trial import report_with_checkpoint
+
+    run_dir = _fake_run_dir(tmp_path)
+    reported = {}
+
+    def fake_report(metrics, *, checkpoint=None):
+        with checkpoint.as_directory() as d:
+            reported.update(metrics=metrics, files=_files(Path(d)))
+
+    monkeypatch.setattr(tune, "report", fake_report)
+    report_with_checkpoint({"miou": 0.5, "iteration": 4}, run_dir)
+
+    assert reported["metrics"] == {"miou": 0.5, "iteration": 4}
+    assert reported["files"] == {
+        "config.json", "metrics.jsonl", "failed_once_at_3", "checkpoints/zero_to_fp32.py",
+        "checkpoints/iter_00000004/COMPLETE",
+        "checkpoints/iter_00000004/mp_rank_00_model_states.pt",
+    }  # fmt: skip
+    assert not (tmp_path / "trial.report").exists()  # the staging folder is gone
+    assert _files(run_dir) >= reported["files"]  # the run dir itself is untouched
+
+
+def test_run_dir_is_restored_from_the_checkpoint_only_when_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ray import tune
+
+    from sweeps.trial import restore_run_dir
+
+    saved = _fake_run_dir(tmp_path / "saved")
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(saved)))
+    lost = tmp_path / "node2" / "trial"
+    restore_run_dir(lost)  # another machine: the run dir is rebuilt from the checkpoint
+    assert _files(lost) == _files(saved)
+    kept = tmp_path / "same-node" / "trial"
+    kept.mkdir(parents=True)
+    (kept / "failed_once_at_3").write_text("newer than the checkpoint")
+    restore_run_dir(kept)  # still there (same machine): kept as it is
+    assert _files(kept) == {"failed_once_at_3"}
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    fresh = tmp_path / "fresh"
+    restore_run_dir(fresh)  # first attempt: nothing to restore
+    assert not fresh.exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -149,10 +150,12 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         from torch.distributed.nn.functional import all_reduce
 
         c = x.shape[1]
-        xf = x.float()
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         count = torch.full((1,), xf.numel() / c, dtype=xf.dtype, device=x.device)
         stats = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count])
-        stats = all_reduce(stats)  # (2C + 1,) summed over ranks
+        with warnings.catch_warnings():  # deprecated in favour of a non-autograd variant
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = all_reduce(stats)  # (2C + 1,) summed over ranks, autograd-aware
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0.0)
@@ -187,6 +190,9 @@ def convert_sync_batchnorm(model: nn.Module, device: str) -> nn.Module:
                 module.affine,
                 module.track_running_stats,
             )
+            ref = module.weight if module.weight is not None else module.running_mean
+            if ref is not None:
+                new.to(device=ref.device, dtype=ref.dtype)
             new.load_state_dict(module.state_dict())
             new.train(module.training)
             return new

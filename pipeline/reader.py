@@ -350,6 +350,7 @@ class TrainStream:
     Yields (images float32 (B, 3, ch, cw) normalised, labels int64 (B, ch, cw), 255 = pad/ignore).
     Breaking out of an epoch and iterating again continues where it stopped. ``state_dict()``
     / ``load_state_dict()`` save and restore the position exactly (see the module docstring).
+    Each worker holds ``shuffle_buffer`` encoded samples (about 2.5 MB each for Cityscapes PNGs).
     """
 
     def __init__(

@@ -1,0 +1,62 @@
+"""launch.train.run in-process (what the sweeps call, world size 1): on_eval, the final
+metrics, and runtime.fail_once_at raising once, after which a second call resumes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.launch.train_utils import TINY, env, losses, scenes_shards
+
+SCRIPT = """
+import json, sys
+from launch.config import load_config
+from launch.train import run
+
+cfg = load_config("scenes", sys.argv[2:])
+seen = []
+try:
+    run(cfg, on_eval=lambda it, m: seen.append(it))
+    raise SystemExit("fail_once_at did not fire")
+except RuntimeError as e:
+    first_error = str(e)
+result = run(cfg, on_eval=lambda it, m: seen.append((it, m["miou"])))
+print("RESULT " + json.dumps({"error": first_error, "seen": seen, "result": result}))
+"""
+
+
+@pytest.mark.slow
+def test_run_in_process_with_fail_once(tmp_path, tmp_path_factory) -> None:
+    shards = scenes_shards(tmp_path_factory.getbasetemp())
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"data.root={shards}",
+        f"runtime.run_dir={run_dir}",
+        *TINY,
+        "logging.enabled=false",
+        "schedule.iterations=4",
+        "checkpoint.every=2",
+        "eval.every=2",
+        "runtime.fail_once_at=2",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, "x", *overrides],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert "injected failure at iteration 2" in out["error"]
+    assert out["seen"][0] == 2  # the first call evaluated at 2, then failed
+    assert [s[0] for s in out["seen"][1:]] == [4]  # resumed from 2: evaluates at 4 only
+    res = out["result"]
+    assert res["iteration"] == 4 and 0.0 <= res["miou"] <= 1.0
+    assert len(res["iou"]) == 19 and res["run_id"] is None  # MLflow off in this test
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+    assert (run_dir / "failed_once_at_2").exists() and (run_dir / "model.pt").exists()

@@ -19,6 +19,7 @@ import random
 import resource
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,6 +35,9 @@ from launch.distributed import WorldInfo, convert_sync_batchnorm, device_type
 from launch.ds_config import accumulation_steps, build_ds_config
 
 LOSS_TERMS = ("total", "coarse", "refined", "aux")
+
+# DeepSpeed's ZeRO-2 calls a torch collective that torch marks deprecated, once per step.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
 class NonFiniteLossError(RuntimeError):

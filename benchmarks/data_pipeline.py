@@ -1,11 +1,13 @@
 """Data pipeline benchmark: packing throughput and packing integrity at Cityscapes resolution.
 
-    python benchmarks/data_pipeline.py [--images 32] [--workers 1 2] [--repeats 2] [--json PATH]
+    python benchmarks/data_pipeline.py [--images 32] [--workers 1 2] [--repeats 2] [--max-count 4]
+        [--only packing packing_integrity loader] [--json PATH]
 
 Source: a synthetic Cityscapes tree at 2048x1024 (pipeline.synth), packed with pipeline.pack.
 Measurements (one function each; add more to MEASUREMENTS):
 - packing: images/s of pipeline.pack for each worker count, every run through the same Ray
-  code path (one task per shard, --max-count 2 so that there are enough shards to share).
+  code path (one task per shard, --max-count 4 by default so that there are enough shards
+  to share).
   Ray start-up and one untimed warm-up pack (worker processes, imports) are excluded and the
   start-up is reported separately; each timed run writes a fresh output folder (no resume).
   Speed-up = images/s with N workers / images/s with 1. Goal: 2 workers >= 1.7x one.
@@ -51,7 +53,7 @@ from pipeline.sources import base as sources_base
 from pipeline.transforms import TrainAugment
 
 SIZE = (2048, 1024)  # (width, height) of Cityscapes frames
-MAX_COUNT = 2
+MAX_COUNT = 4  # samples per shard: enough shards to share, few enough that per-task cost is small
 
 
 def prepare_source(workdir: Path, n_images: int) -> Path:
@@ -64,11 +66,11 @@ def prepare_source(workdir: Path, n_images: int) -> Path:
     return src
 
 
-def _pack(src: Path, out: Path, workers: int, use_ray: bool) -> float:
+def _pack(src: Path, out: Path, workers: int, use_ray: bool, max_count: int = MAX_COUNT) -> float:
     """Seconds for one complete pack of the train split into a fresh folder."""
     t0 = time.perf_counter()
     m = pack_mod.pack_split(
-        SOURCES["cityscapes"], src, out, "train", max_count=MAX_COUNT, workers=workers,
+        SOURCES["cityscapes"], src, out, "train", max_count=max_count, workers=workers,
         use_ray=use_ray, progress=False,
     )  # fmt: skip
     dt = time.perf_counter() - t0
@@ -76,7 +78,9 @@ def _pack(src: Path, out: Path, workers: int, use_ray: bool) -> float:
     return dt
 
 
-def measure_packing(src: Path, workdir: Path, worker_counts: list[int], repeats: int) -> dict:
+def measure_packing(
+    src: Path, workdir: Path, worker_counts: list[int], repeats: int, max_count: int = MAX_COUNT
+) -> dict:
     """Packing images/s per worker count (Ray path), plus the in-process path."""
     import ray
 
@@ -88,9 +92,9 @@ def measure_packing(src: Path, workdir: Path, worker_counts: list[int], repeats:
         runs += 1
         return workdir / f"pack-{runs}"
 
-    out: dict = {"images": n, "max_count": MAX_COUNT, "by_workers": {}}
+    out: dict = {"images": n, "max_count": max_count, "by_workers": {}}
     cpu0 = time.process_time()
-    t = [_pack(src, fresh(), 1, use_ray=False) for _ in range(repeats)]
+    t = [_pack(src, fresh(), 1, use_ray=False, max_count=max_count) for _ in range(repeats)]
     cpu = (time.process_time() - cpu0) / repeats
     # CPU seconds per image in this process: wall time above this means waiting for a core
     # (or the disk); the work is CPU-bound when the two agree.
@@ -103,8 +107,10 @@ def measure_packing(src: Path, workdir: Path, worker_counts: list[int], repeats:
         t0 = time.perf_counter()
         with pack_mod.ray_session(w, None):
             startup = time.perf_counter() - t0
-            _pack(src, fresh(), w, use_ray=True)  # warm-up: worker processes and their imports
-            t = [_pack(src, fresh(), w, use_ray=True) for _ in range(repeats)]
+            _pack(
+                src, fresh(), w, use_ray=True, max_count=max_count
+            )  # warm-up: worker processes and their imports
+            t = [_pack(src, fresh(), w, use_ray=True, max_count=max_count) for _ in range(repeats)]
         assert not ray.is_initialized()
         out["by_workers"][str(w)] = {
             "seconds": t,
@@ -242,7 +248,7 @@ def measure_loader(
 
 
 MEASUREMENTS: dict[str, Callable[[argparse.Namespace, Path, Path], dict]] = {
-    "packing": lambda a, src, wd: measure_packing(src, wd, a.workers, a.repeats),
+    "packing": lambda a, src, wd: measure_packing(src, wd, a.workers, a.repeats, a.max_count),
     "packing_integrity": lambda a, src, wd: measure_integrity(src, wd),
     "loader": lambda a, src, wd: measure_loader(
         src, wd, a.workers, a.repeats, a.loader_batch_size, a.loader_batches
@@ -253,7 +259,7 @@ MEASUREMENTS: dict[str, Callable[[argparse.Namespace, Path, Path], dict]] = {
 def print_table(results: dict) -> None:
     p = results.get("packing")
     if p:
-        print(f"\npacking, {p['images']} images at {SIZE[0]}x{SIZE[1]}, {MAX_COUNT} per shard")
+        print(f"\npacking, {p['images']} images at {SIZE[0]}x{SIZE[1]}, {p['max_count']} per shard")
         print("| path | workers | images/s | speed-up vs 1 | Ray start-up s |")
         print("|---|---|---|---|---|")
         ip = p["in_process"]
@@ -288,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=32, help="2048x1024 frames to pack")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument(
+        "--max-count", type=int, default=MAX_COUNT, help="samples per shard when packing"
+    )
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (median)")
     p.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS), help="run only these")
     p.add_argument("--loader-batch-size", type=int, default=2, help="loader: batch size")

@@ -356,10 +356,11 @@ class Trainer:
         start, rng, client = 0, None, {}
         if ckpt is not None:
             start, rng, client = self._resume(engine, ckpt, train_stream)
-        else:
-            torch.manual_seed(cfg.runtime.seed * 1000 + w.rank)  # per-rank dropout/sampling
-            random.seed(cfg.runtime.seed * 1000 + w.rank)
-            np.random.seed(cfg.runtime.seed * 1000 + w.rank)
+        if rng is None:  # fresh run, or another world size: per-rank dropout/sampling seeds
+            seed = cfg.runtime.seed * 1000 + w.rank + 7919 * start
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
         if w.is_main:
             print("resolved config:\n" + to_yaml(cfg), flush=True)
             _write_atomic(self.run_dir / "config.json", json.dumps(to_dict(cfg), indent=1))
@@ -380,6 +381,8 @@ class Trainer:
             if self.tracker is not None:
                 self.tracker.end("FAILED")
             raise
+        finally:
+            engine.destroy()  # the sweeps call run() many times in one process
         self.tracker.end("FINISHED")
         result["run_id"] = self.tracker.run_id
         return result

@@ -85,6 +85,7 @@ def build_ds_config(
     elif precision == "fp16":
         ds["fp16"] = {
             "enabled": True,
+            "auto_cast": True,  # float inputs to half, like the model DeepSpeed casts
             "loss_scale": 0,
             "initial_scale_power": 16,
             "loss_scale_window": 1000,

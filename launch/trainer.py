@@ -317,7 +317,7 @@ class Trainer:
         """Forward, loss, the non-finite check (all ranks agree), backward + step if finite."""
         images = images.to(self.device, non_blocking=True)  # (B, 3, crop, crop)
         labels = labels.to(self.device, non_blocking=True)  # (B, crop, crop)
-        outputs = engine(images, labels)
+        outputs = {k: v.float() for k, v in engine(images, labels).items()}  # fp32 losses
         loss, terms = criterion(outputs, labels)
         if iteration in self.cfg.runtime.inject_nonfinite_at:
             loss = loss * float("nan")

@@ -419,7 +419,7 @@ def _scenes() -> TrainConfig:
         ),
         optim=OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4, head_lr_mult=10.0),
         loss=LossConfig(ohem_min_kept=4096),
-        schedule=ScheduleConfig(iterations=300, power=0.9, warmup_iters=10),
+        schedule=ScheduleConfig(iterations=200, power=0.9, warmup_iters=10),
         eval=EvalConfig(mode="whole", crop=96, stride=64, every=0, num_pictures=2),
         checkpoint=CheckpointConfig(every=100, keep=2),
         runtime=RuntimeConfig(run_dir="runs/scenes", zero_stage=2),

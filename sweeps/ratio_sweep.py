@@ -200,9 +200,8 @@ def results_rows(
 ) -> list[list[Any]]:
     """One row per trial, best mIoU first (trials without an evaluation last)."""
     rows = []
-    for result in grid:
-        trial_id = result.metrics.get("trial_id") if result.metrics else None
-        trial_id = trial_id or Path(result.path).name
+    # The grid's results come in the order of its trials, as do the statuses.
+    for trial_id, result in zip(statuses, grid, strict=True):
         config = result.config or {}
         frame = result.metrics_dataframe
         best = float(frame["miou"].max()) if frame is not None and "miou" in frame else None

@@ -1,0 +1,49 @@
+"""ZeRO stages 1 and 3 on 2 CPU ranks train the same model as stage 2 would: equal losses (to
+fp32 reduction-order noise), evaluation and the fp32 export (stage 3 consolidates from the
+checkpoint)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.launch.train_utils import args, losses, run, scenes_shards, torchrun_cmd
+
+
+@pytest.mark.slow
+def test_zero_stage_1_and_3(tmp_path, tmp_path_factory) -> None:
+    shards = scenes_shards(tmp_path_factory.getbasetemp())
+    got = {}
+    for stage in (1, 3):
+        run_dir = tmp_path / f"zero{stage}"
+        run(
+            torchrun_cmd(
+                args(
+                    shards,
+                    run_dir,
+                    "schedule.iterations=3",
+                    "checkpoint.every=3",
+                    "eval.every=0",
+                    f"runtime.zero_stage={stage}",
+                )
+            ),
+            tmp_path,
+        )
+        assert (
+            json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"]
+            == stage
+        )
+        assert (run_dir / "model.pt").is_file()
+        got[stage] = losses(run_dir)
+    for it in (1, 2, 3):
+        assert got[3][it]["loss"]["total"] == pytest.approx(got[1][it]["loss"]["total"], rel=1e-5)
+    assert got[1][3]["loss"]["total"] < got[1][1]["loss"]["total"]  # it learns
+
+    from launch.export import load_exported
+
+    m1, _ = load_exported(tmp_path / "zero1" / "model.pt")
+    m3, _ = load_exported(tmp_path / "zero3" / "model.pt")
+    s1, s3 = m1.state_dict(), m3.state_dict()
+    assert s1.keys() == s3.keys()
+    assert all((s1[k].float() - s3[k].float()).abs().max() < 1e-4 for k in s1)

@@ -101,11 +101,21 @@ def _free_port() -> int:
 
 
 def init_distributed(info: WorldInfo, *, cpu_shm_comm: bool = False) -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPUs); idempotent."""
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPUs); idempotent.
+
+    A process group made by someone else (e.g. Ray Train) is adopted as it is.
+    """
     prepare_accelerator()
     import deepspeed
 
+    if device_type() == "cpu" and not cpu_shm_comm:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use
+        # (~2.5 min); gloo alone is correct and fast enough for CPU runs, so skip the build.
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
     if torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
         return
     if not info.launched:
         # A world of one: DeepSpeed still wants a process group.
@@ -119,12 +129,6 @@ def init_distributed(info: WorldInfo, *, cpu_shm_comm: bool = False) -> None:
             }
         )
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if device_type() == "cpu" and not cpu_shm_comm:
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use
-        # (~2.5 min); gloo alone is correct and fast enough for CPU runs, so skip the build.
-        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
-        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
     if device_type() == "cuda":
         torch.cuda.set_device(info.local_rank)
     deepspeed.init_distributed(

@@ -72,9 +72,17 @@ def test_resume_path_errors(tmp_path) -> None:
 def test_crash_during_save_resumes_from_previous_complete(tmp_path, tmp_path_factory) -> None:
     shards = scenes_shards(tmp_path_factory.getbasetemp())
     run_dir = tmp_path / "run"
-    common = ("schedule.iterations=4", "checkpoint.every=2", "eval.every=0")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = (
+        "schedule.iterations=4",
+        "checkpoint.every=2",
+        "eval.every=0",
+        f"logging.tracking_uri={uri}",
+        "logging.experiment=crash",
+        "logging.every=1",
+    )
     proc = run(
-        python_cmd(args(shards, run_dir, *common, "runtime.crash_in_save_at=4")),
+        python_cmd(args(shards, run_dir, *common, "runtime.crash_in_save_at=4", mlflow=True)),
         tmp_path,
         check=False,
     )
@@ -85,7 +93,7 @@ def test_crash_during_save_resumes_from_previous_complete(tmp_path, tmp_path_fac
     before = losses(run_dir)
     assert sorted(before) == [1, 2, 3, 4]
 
-    proc = run(python_cmd(args(shards, run_dir, *common)), tmp_path)
+    proc = run(python_cmd(args(shards, run_dir, *common, mlflow=True)), tmp_path)
     assert "at iteration 2" in proc.stdout and "iter_00000002" in proc.stdout
     after = losses(run_dir)
     assert sorted(after) == [1, 2, 3, 4]
@@ -93,3 +101,12 @@ def test_crash_during_save_resumes_from_previous_complete(tmp_path, tmp_path_fac
         assert after[it]["loss"] == before[it]["loss"]
     assert (ck / "iter_00000004" / "COMPLETE").is_file()
     assert (run_dir / "model.pt").is_file()
+
+    # The resumed run continues the same MLflow run (its id travels in the client state).
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    (r,) = client.search_runs([client.get_experiment_by_name("crash").experiment_id])
+    assert r.info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(r.info.run_id, "train/loss/total")}
+    assert steps == {1, 2, 3, 4}

@@ -22,6 +22,7 @@ from typing import Any
 
 from sweeps.common import (
     absolute,
+    add_common_args,
     base_config,
     check_tracking_reach,
     config_hash,
@@ -39,38 +40,11 @@ MIOU_METRIC = "val/miou"  # logged by launch.tracking.Tracker.log_evaluation
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--table", required=True, choices=["1", "2", "3", "4", "5", "all"])
-    p.add_argument("--config", default="cityscapes", help="preset name or config file")
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="CPU smoke run: scenes dataset, tiny model, a few iterations",
+    add_common_args(
+        p,
+        storage="runs/ablations",
+        smoke_help="CPU smoke run: scenes dataset, tiny model, a few iterations",
     )
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
-    )
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the dataset)")
-    p.add_argument("--address", default=None, help="Ray cluster: auto or ray://HOST:PORT")
-    p.add_argument(
-        "--gpus-per-trial",
-        type=float,
-        default=None,
-        help=">1: a DeepSpeed trial over that many GPUs (default 1 with GPUs, else 0)",
-    )
-    p.add_argument(
-        "--workers-per-trial",
-        type=int,
-        default=None,
-        help="DeepSpeed ranks per trial (Ray Train workers; default one per GPU, at least 1)",
-    )
-    p.add_argument(
-        "--cpus-per-trial", type=float, default=None, help="default: 1 with --smoke, else 4"
-    )
-    p.add_argument("--num-cpus", type=int, default=None, help="local Ray size (default: all)")
-    p.add_argument("--max-failures", type=int, default=2, help="retries per training run")
-    p.add_argument("--storage", default="runs/ablations", help="Tune results and run dirs")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value for every row")
     return p.parse_args(argv)  # fmt: skip
 
 

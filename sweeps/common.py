@@ -6,6 +6,7 @@ Searched or varied settings travel to trials as `key=value` override strings for
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
@@ -211,3 +212,35 @@ def close_unfinished_children(client: Any, experiment_id: str, parent_run_id: st
     for run in runs:
         client.set_terminated(run.info.run_id, status="KILLED")
     return [run.info.run_id for run in runs]
+
+
+def add_common_args(p: argparse.ArgumentParser, *, storage: str, smoke_help: str) -> None:
+    """The options the ratio sweep and the ablation tables share: config, MLflow, Ray, trials."""
+    p.add_argument("--config", default="cityscapes", help="preset name or config file")
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the dataset)")
+    p.add_argument("--address", default=None, help="Ray cluster: auto or ray://HOST:PORT")
+    p.add_argument("--num-cpus", type=int, default=None, help="local Ray size (default: all)")
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help=">1: a DeepSpeed trial over that many GPUs (default 1 with GPUs, else 0)",
+    )
+    p.add_argument(
+        "--workers-per-trial",
+        type=int,
+        default=None,
+        help="DeepSpeed ranks per trial (Ray Train workers; default one per GPU, at least 1)",
+    )
+    p.add_argument(
+        "--cpus-per-trial", type=float, default=None, help="default: 1 with --smoke, else 4"
+    )
+    p.add_argument("--max-failures", type=int, default=2, help="retries per training run")
+    p.add_argument("--storage", default=storage, help="Tune results and trial run dirs")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value for every run")

@@ -22,6 +22,7 @@ from typing import Any
 from sweeps.common import (
     SEARCH_KEYS,
     absolute,
+    add_common_args,
     base_config,
     check_tracking_reach,
     csv_text,
@@ -86,8 +87,11 @@ def search_space(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default="cityscapes", help="preset name or config file")
-    p.add_argument("--address", default=None, help="Ray cluster: auto or ray://HOST:PORT")
+    add_common_args(
+        p,
+        storage="runs/sweeps",
+        smoke_help="CPU smoke run: scenes dataset, tiny model, a few iterations, 2 trials",
+    )
     p.add_argument("--num-samples", type=int, default=1, help="draws per grid cell")
     p.add_argument("--search", choices=("grid", "random"), default="grid")
     p.add_argument(
@@ -105,34 +109,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="fusion modes to sweep (default both)",
     )
     p.add_argument(
-        "--gpus-per-trial",
-        type=float,
-        default=None,
-        help=">1: a DeepSpeed trial over that many GPUs (default 1 with GPUs, else 0)",
-    )
-    p.add_argument(
-        "--workers-per-trial",
-        type=int,
-        default=None,
-        help="DeepSpeed ranks per trial (Ray Train workers; default one per GPU, at least 1)",
-    )
-    p.add_argument(
-        "--cpus-per-trial", type=float, default=None, help="default: 1 with --smoke, else 4"
-    )
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
-    )
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the dataset)")
-    p.add_argument(
         "--name",
         default=None,
         help="sweep name: Tune folder and parent run (default ratio-sweep-<time>; "
         "with --resume the newest sweep in --storage)",
     )
-    p.add_argument("--storage", default="runs/sweeps", help="Tune results and trial run dirs")
-    p.add_argument("--max-failures", type=int, default=2, help="retries per trial")
     p.add_argument(
         "--grace-period",
         type=int,
@@ -143,14 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-early-stop", action="store_true", help="no ASHA: every trial trains to the end"
     )
     p.add_argument("--max-concurrent", type=int, default=None)
-    p.add_argument("--num-cpus", type=int, default=None, help="local Ray size (default: all)")
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="CPU smoke run: scenes dataset, tiny model, a few iterations, 2 trials",
-    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args(argv)  # fmt: skip
     if args.num_samples < 1:
         p.error(f"--num-samples must be >= 1, got {args.num_samples}")

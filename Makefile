@@ -31,8 +31,12 @@ format: venv
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-bench: venv
+bench: venv  ## every benchmark script; JSON under benchmarks/results/ (see benchmarks/README.md)
 	$(PY) benchmarks/cdgc_module.py --json benchmarks/results/cdgc_module.json
+	$(PY) benchmarks/cdgc_scaling.py --json benchmarks/results/cdgc_scaling.json
+	$(PY) benchmarks/train_step.py --json benchmarks/results/train_step.json
+	$(PY) benchmarks/inference.py --json benchmarks/results/inference.json
+	$(PY) benchmarks/deepspeed_stages.py --json benchmarks/results/deepspeed_stages.json
 	$(PY) benchmarks/data_pipeline.py --json benchmarks/results/data_pipeline.json
 
 lock: venv  ## re-pin constraints.txt from the current .venv

@@ -491,9 +491,26 @@ def build_manifest(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    splits = "\n".join(
+        f"  {name:<14} {' '.join(src.splits)} (known: {' '.join(src.known_splits)})"
+        for name, src in sorted(SOURCES.items())
+    )
     p = argparse.ArgumentParser(
         prog="python -m pipeline.pack",
         description="Pack a dataset from its original layout into WebDataset shards.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"""splits packed by default (others with --splits):
+{splits}
+
+writes <out>/<split>/<name>-<split>-NNNNNN.tar and <out>/<split>/manifest.json; a rerun
+skips shards that are complete and verify; a bad file stops the job naming the file and
+the reason, unless --skip-bad (then it is recorded in the manifest).
+
+examples:
+  python -m pipeline.pack cityscapes --src /data/cityscapes --out shards/cityscapes
+  python -m pipeline.pack voc --src /data/voc --out shards/voc --workers 8
+  python -m pipeline.pack cityscapes --src data/scenes --out shards/scenes --name scenes
+  python -m pipeline.verify shards/cityscapes""",
     )
     p.add_argument("dataset", choices=sorted(SOURCES), help="the source layout to read")
     p.add_argument("--src", required=True, help="dataset root in its original layout")

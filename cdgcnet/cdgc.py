@@ -30,11 +30,13 @@ Two implementations share these parameters (``impl`` may be reassigned on an ins
 - "segmented" (default): memberships are sorted class-major into per-(class, image) segments
   and attention runs inside each segment with ``scaled_dot_product_attention(scale=1.0)``
   (flash / memory-efficient kernels on CUDA, the flash kernel on CPU). The per-class weights
-  are applied per class segment, and since Z_m vanishes outside V_m the aggregation conv is a
-  scatter-add of W_agg_m Z_m over memberships, so neither G x N x N nor (B, G*C, H, W) is ever
-  built: memory is O(T*C), T <= 2*B*N. One host-device sync learns the segment sizes.
+  are applied per non-empty class, and since Z_m vanishes outside V_m the aggregation conv is
+  a scatter-add of W_agg_m Z_m over memberships, so neither G x N x N nor (B, G*C, H, W) is
+  ever built: memory is O(T*C), T <= 2*B*N. One host-device sync learns the segment sizes.
   (torch's ``varlen_attn`` is flash-only with head dim <= 256 and fp16/bf16, so C=512 cannot
-  use it; per-segment calls are used instead.)
+  use it; per-segment calls are used instead. Length-bucketed padded batches, one SDPA and two
+  bmm per bucket, were measured slower on CPU at M=19 and no faster at M=171 for S >= 49, see
+  benchmarks/README.md.)
 
 checkpoint=True runs step 2-4 up to the aggregation conv under
 ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``; BN stays outside so its running
@@ -292,12 +294,14 @@ class CDGCModule(nn.Module):
         # unbind (not indexing) so that backward stacks the per-class weight gradients once.
         w_graph = self.graph_weight.view(g, c, c).unbind(0)  # G x (C_out, C_in)
         w_agg = self.aggregate_weight.view(c, g, c).unbind(1)  # G x (C_out, C_in)
-        # Every class's weights enter the graph (empty classes through 0-row matmuls), so each
-        # parameter gets a gradient, as in the dense path (distributed wrappers expect one).
-        contrib = [
-            F.relu(yc @ wg.t()) @ wa.t()
-            for yc, wg, wa in zip(y.split(plan.class_sizes), w_graph, w_agg, strict=True)
-        ]
+        # Only classes with members take part: an empty class's 0-row matmuls (and their
+        # backward) cost a dispatch each for nothing and made the time grow with M. unbind's
+        # backward still gives every class a (zero) gradient, as in the dense path
+        # (distributed wrappers expect one); with no node at all (T = 0), class 0's 0-row
+        # matmuls keep the weights in the graph.
+        used = [m for m, size in enumerate(plan.class_sizes) if size] or [0]
+        y_class = y.split(plan.class_sizes)
+        contrib = [F.relu(y_class[m] @ w_graph[m].t()) @ w_agg[m].t() for m in used]
         u = torch.cat(contrib)  # (T, C)
         out = u.new_zeros(b * h * w, c).index_add_(0, plan.rows, u)  # (B*N, C)
         return out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last memory

@@ -100,6 +100,7 @@ def train(workdir: Path, shards: Path, overrides: Sequence[str]) -> tuple[dict, 
         "none",
         f"data.root={shards}",
         "runtime.zero_stage=2",
+        "logging.experiment=scenes",  # keep demo runs apart from real Cityscapes runs
         *overrides,
     ]
     print(" ".join(cmd), flush=True)

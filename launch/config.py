@@ -43,6 +43,18 @@ def _is_num(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _require_int(where: str, value: object, minimum: int) -> None:
+    _require(
+        _is_int(value) and value >= minimum, f"{where} must be an int >= {minimum}, got {value!r}"
+    )
+
+
+def _require_num(where: str, value: object) -> float:
+    """A number >= 0, returned as a float."""
+    _require(_is_num(value) and value >= 0, f"{where} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 @dataclass
 class DataConfig:
     """Where the shards are and how training batches are made."""
@@ -68,23 +80,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.scale_range = tuple(float(s) for s in self.scale_range)  # type: ignore[assignment]
-        _require(
-            _is_int(self.crop_size) and self.crop_size >= 8,
-            f"data.crop_size must be an int >= 8, got {self.crop_size!r}",
-        )
-        _require(
-            _is_int(self.batch_size) and self.batch_size >= 1,
-            f"data.batch_size must be an int >= 1, got {self.batch_size!r}",
-        )
+        _require_int("data.crop_size", self.crop_size, 8)
+        _require_int("data.batch_size", self.batch_size, 1)
         _require(
             self.global_batch_size is None
             or (_is_int(self.global_batch_size) and self.global_batch_size >= 1),
             f"data.global_batch_size must be null or an int >= 1, got {self.global_batch_size!r}",
         )
-        _require(
-            _is_int(self.num_workers) and self.num_workers >= 0,
-            f"data.num_workers must be an int >= 0, got {self.num_workers!r}",
-        )
+        _require_int("data.num_workers", self.num_workers, 0)
         lo, hi = self.scale_range if len(self.scale_range) == 2 else (0.0, -1.0)
         _require(0 < lo <= hi, f"data.scale_range must be (lo, hi) with 0 < lo <= hi, got {lo, hi}")
         _require(
@@ -108,9 +111,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for name in ("lr", "momentum", "weight_decay", "head_lr_mult", "grad_clip"):
-            v = getattr(self, name)
-            _require(_is_num(v) and v >= 0, f"optim.{name} must be a number >= 0, got {v!r}")
-            setattr(self, name, float(v))
+            setattr(self, name, _require_num(f"optim.{name}", getattr(self, name)))
         _require(self.lr > 0, "optim.lr must be > 0")
 
 
@@ -126,13 +127,8 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "gamma", "ohem_thresh"):
-            v = getattr(self, name)
-            _require(_is_num(v) and v >= 0, f"loss.{name} must be a number >= 0, got {v!r}")
-            setattr(self, name, float(v))
-        _require(
-            _is_int(self.ohem_min_kept) and self.ohem_min_kept >= 0,
-            f"loss.ohem_min_kept must be an int >= 0, got {self.ohem_min_kept!r}",
-        )
+            setattr(self, name, _require_num(f"loss.{name}", getattr(self, name)))
+        _require_int("loss.ohem_min_kept", self.ohem_min_kept, 0)
 
 
 @dataclass
@@ -146,15 +142,8 @@ class ScheduleConfig:
     """LR at iteration 0 of the warmup, as a fraction of the poly LR."""
 
     def __post_init__(self) -> None:
-        _require(
-            _is_int(self.iterations) and self.iterations >= 1,
-            f"schedule.iterations must be an int >= 1, got {self.iterations!r}",
-        )
-        _require(
-            _is_num(self.power) and self.power >= 0,
-            f"schedule.power must be a number >= 0, got {self.power!r}",
-        )
-        self.power = float(self.power)
+        _require_int("schedule.iterations", self.iterations, 1)
+        self.power = _require_num("schedule.power", self.power)
         _require(
             _is_int(self.warmup_iters) and 0 <= self.warmup_iters < self.iterations,
             f"schedule.warmup_iters must be an int in [0, iterations), got {self.warmup_iters!r}",
@@ -186,26 +175,14 @@ class EvalConfig:
         _require(
             self.mode in EVAL_MODES, f"eval.mode must be one of {EVAL_MODES}, got {self.mode!r}"
         )
-        _require(
-            _is_int(self.crop) and self.crop >= 8,
-            f"eval.crop must be an int >= 8, got {self.crop!r}",
-        )
-        _require(
-            _is_int(self.stride) and self.stride >= 1,
-            f"eval.stride must be an int >= 1, got {self.stride!r}",
-        )
+        _require_int("eval.crop", self.crop, 8)
+        _require_int("eval.stride", self.stride, 1)
         _require(
             len(self.scales) > 0 and all(s > 0 for s in self.scales),
             f"eval.scales must be positive numbers, got {self.scales!r}",
         )
-        _require(
-            _is_int(self.every) and self.every >= 0,
-            f"eval.every must be an int >= 0, got {self.every!r}",
-        )
-        _require(
-            _is_int(self.num_pictures) and self.num_pictures >= 0,
-            f"eval.num_pictures must be an int >= 0, got {self.num_pictures!r}",
-        )
+        _require_int("eval.every", self.every, 0)
+        _require_int("eval.num_pictures", self.num_pictures, 0)
 
 
 @dataclass
@@ -218,14 +195,8 @@ class CheckpointConfig:
     """Keep the newest this many complete checkpoints."""
 
     def __post_init__(self) -> None:
-        _require(
-            _is_int(self.every) and self.every >= 0,
-            f"checkpoint.every must be an int >= 0, got {self.every!r}",
-        )
-        _require(
-            _is_int(self.keep) and self.keep >= 1,
-            f"checkpoint.keep must be an int >= 1, got {self.keep!r}",
-        )
+        _require_int("checkpoint.every", self.every, 0)
+        _require_int("checkpoint.keep", self.keep, 1)
 
 
 @dataclass
@@ -271,10 +242,7 @@ class RuntimeConfig:
             self.zero_stage in (0, 1, 2, 3),
             f"runtime.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}",
         )
-        _require(
-            _is_int(self.max_nonfinite) and self.max_nonfinite >= 1,
-            f"runtime.max_nonfinite must be an int >= 1, got {self.max_nonfinite!r}",
-        )
+        _require_int("runtime.max_nonfinite", self.max_nonfinite, 1)
         for name in ("fail_once_at", "kill_at", "crash_in_save_at"):
             v = getattr(self, name)
             _require(
@@ -304,10 +272,7 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.tags, dict), f"logging.tags must be a mapping, got {self.tags!r}")
         self.tags = {str(k): str(v) for k, v in self.tags.items()}
-        _require(
-            _is_int(self.every) and self.every >= 1,
-            f"logging.every must be an int >= 1, got {self.every!r}",
-        )
+        _require_int("logging.every", self.every, 1)
 
 
 @dataclass

@@ -3,13 +3,10 @@ and weight gradients, running statistics."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.multiprocessing as mp
 
 from launch.distributed import CPUSyncBatchNorm, convert_sync_batchnorm
-from tests.launch.train_utils import free_port
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,9 +24,12 @@ def _bn() -> torch.nn.BatchNorm2d:
     return bn
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int, out_dir: str) -> None:
+    # A FileStore, not a TCP store hosted by rank 0: with TCP, rank 0 could exit while rank 1
+    # was still tearing down, which intermittently aborted rank 1 (SIGABRT) under load.
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=2
+    )
     try:
         x, w = _data()
         xs = x[2 * rank : 2 * rank + 2].clone().requires_grad_(True)
@@ -48,12 +48,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             },
             f"{out_dir}/{rank}.pt",
         )
+        torch.distributed.barrier()  # both ranks done before either tears down
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_cpu_sync_batchnorm_matches_full_batch(tmp_path) -> None:
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
     x, w = _data()
     x = x.clone().requires_grad_(True)

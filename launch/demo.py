@@ -57,22 +57,15 @@ def ensure_shards(workdir: Path, data: Path) -> Path:
         )
     except Exception as e:  # missing or unreadable manifest: pack
         print(f"{shards}: {e}; packing")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.pack",
-        "cityscapes",
-        "--src",
-        str(data),
-        "--out",
-        str(shards),
-        "--name",
-        "scenes",
-        "--workers",
-        "1",
-    ]  # in-process: 240 small images
-    subprocess.run(cmd, check=True, cwd=workdir)
+    subprocess.run(pack_command(data, shards), check=True, cwd=workdir)
     return shards
+
+
+def pack_command(data: Path, shards: Path) -> list[str]:
+    """pipeline.pack for scenes (Cityscapes layout) in-process: a few hundred small images."""
+    src, out = str(data), str(shards)
+    return [sys.executable, "-m", "pipeline.pack", "cityscapes", "--src", src, "--out", out,
+            "--name", "scenes", "--workers", "1"]  # fmt: skip
 
 
 def train(workdir: Path, shards: Path, overrides: Sequence[str]) -> tuple[dict, float]:

@@ -230,6 +230,19 @@ def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
+def _decode_or_skip(
+    sample: dict, on_corrupt: str, log: _SkipLog
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """decode_sample, or None (counted in `log`) for a corrupt sample when skipping."""
+    try:
+        return decode_sample(sample)
+    except ShardError as exn:
+        if on_corrupt == "raise":
+            raise
+        log.add(1, str(exn))
+        return None
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     if info is None:
@@ -327,14 +340,10 @@ class _TrainWorkerStream(IterableDataset):
         for sample in samples:
             rng = np.random.default_rng([self.seed, self.rank, worker, self.epoch, position])
             position += 1
-            try:
-                image, label = decode_sample(sample)
-            except ShardError as exn:
-                if self.on_corrupt == "raise":
-                    raise
-                log.add(1, str(exn))
+            decoded = _decode_or_skip(sample, self.on_corrupt, log)
+            if decoded is None:
                 continue
-            image, label = self.augment(image, label, rng)
+            image, label = self.augment(*decoded, rng)
             images.append(image)
             labels.append(label)
             if len(images) == self.batch_size:
@@ -502,13 +511,10 @@ class _EvalWorkerStream(IterableDataset):
             by_shard.setdefault(shard.path, (shard, set()))[1].add(key)
         for shard, wanted in by_shard.values():
             for sample in _read_shard(shard, wanted, self.on_corrupt, log):
-                try:
-                    image, label = decode_sample(sample)
-                except ShardError as exn:
-                    if self.on_corrupt == "raise":
-                        raise
-                    log.add(1, str(exn))
+                decoded = _decode_or_skip(sample, self.on_corrupt, log)
+                if decoded is None:
                     continue
+                image, label = decoded
                 n_skipped, reasons = log.pop()
                 yield {
                     "key": sample["__key__"],

@@ -36,31 +36,14 @@ def scenes_shards(base: Path) -> Path:
     root = base / "scenes_shards"
     if (root / "val" / "manifest.json").is_file():
         return root
+    from launch.demo import pack_command
     from pipeline.synth import generate
 
     data = base / "scenes_data"
     if not data.exists():
         generate("scenes", data, train=16, val=4, size=(96, 64))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.pack",
-            "cityscapes",
-            "--src",
-            str(data),
-            "--out",
-            str(root),
-            "--name",
-            "scenes",
-            "--workers",
-            "1",
-            "--no-progress",
-        ],
-        check=True,
-        capture_output=True,
-        env=env(),
-    )
+    cmd = [*pack_command(data, root), "--no-progress"]
+    subprocess.run(cmd, check=True, capture_output=True, env=env())
     return root
 
 

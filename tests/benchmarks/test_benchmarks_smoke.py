@@ -28,7 +28,7 @@ def test_train_step_smoke(tmp_path: Path) -> None:
     data = _load(out)
     assert data["gpu_rows"] == "not measured (no GPU in this environment)"
     rows = {r["case"]: r for r in data["records"]}
-    for case in ("cdgc", "cdgc_ckpt", "baseline"):
+    for case in ("cdgc", "cdgc_ckpt", "baseline", "cdgc_nchw"):
         r = rows[case]
         assert r["step_ms"] > 0 and r["images_per_s"] > 0
         assert r["memory_status"] == "ok" and r["peak_mem_mb"] > 0
@@ -89,3 +89,16 @@ def test_deepspeed_stages_smoke(tmp_path: Path) -> None:
     assert [r["variant"] for r in rows] == ["plain", "zero1", "zero2", "zero3"]
     assert all(r["status"] == "ok" and r["step_ms"] > 0 for r in rows)
     assert rows[0]["overhead_pct"] == 0.0
+
+
+def test_ohem_loss_smoke(tmp_path: Path) -> None:
+    from benchmarks import ohem_loss
+
+    out = tmp_path / "ohem.json"
+    assert ohem_loss.main(["--smoke", "--device", "cpu", "--json", str(out)]) == 0
+    rows = _load(out)["records"]
+    assert [(r["regime"], r["impl"]) for r in rows] == [
+        (regime, impl) for regime in ("early", "late") for impl in ohem_loss.IMPLS
+    ]
+    assert all(r["median_ms"] > 0 and r["peak_mb"] >= 0 for r in rows)
+    assert all(r["time_vs_gather"] > 0 for r in rows if r["impl"] == "masked")

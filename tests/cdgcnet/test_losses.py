@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.ohem_loss import gather_ohem
 from cdgcnet.losses import CDGCLoss, cross_entropy, ohem_cross_entropy
 
 # Two classes, target 0 everywhere: logits (logit(p), 0) give true-class probability p.
@@ -120,3 +121,26 @@ def test_low_precision_logits_are_computed_in_fp32():
         assert loss.item() == pytest.approx(fn(ref, target).item(), rel=1e-6)
         loss.backward()
     assert low.grad is not None and low.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ohem_matches_the_gather_formulation(seed):
+    # gather_ohem: the formulation with data-dependent shapes that the sync-free one replaced.
+    # Random logits and ignore regions; min_kept below, near and above the hard and valid
+    # counts, so that every branch of the rule is taken. Loss and gradient both match.
+    g = torch.Generator().manual_seed(seed)
+    logits = (2.5 * torch.randn(2, 5, 6, 7, generator=g)).double()
+    target = torch.randint(0, 5, (2, 12, 14), generator=g)
+    target[torch.rand(2, 12, 14, generator=g) < 0.2 * (seed % 3)] = 255
+    n_valid = int((target != 255).sum())
+    for thresh in (0.3, 0.7, 1.0):
+        for min_kept in (0, 1, 17, n_valid // 2, n_valid - 1, n_valid, n_valid + 5, 10**6):
+            ours = logits.clone().requires_grad_(True)
+            ref = logits.clone().requires_grad_(True)
+            loss = ohem_cross_entropy(ours, target, thresh, min_kept)
+            expected = gather_ohem(ref, target, thresh, min_kept)
+            loss.backward()
+            expected.backward()
+            case = (thresh, min_kept)
+            assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-9), case
+            torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-9, msg=str(case))

@@ -210,6 +210,10 @@ class RuntimeConfig:
     zero_stage: int = 2
     sync_bn: bool = True
     """SyncBatchNorm across ranks when the world has more than one rank."""
+    channels_last: bool = True
+    """Input batches in channels-last (NHWC) memory, which every convolution's output then
+    follows (see benchmarks/README.md). The weights keep the default layout: DeepSpeed
+    broadcasts and flattens them as contiguous buffers."""
     max_nonfinite: int = 5
     """Stop with an error after this many non-finite losses in a row (each one skips its step)."""
     inject_nonfinite_at: tuple[int, ...] = ()

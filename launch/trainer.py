@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cdgcnet.labels import LABEL_SPECS
-from cdgcnet.losses import CDGCLoss
+from cdgcnet.losses import CDGCLoss, validate_labels
 from cdgcnet.model import build_model, param_groups
 from launch.checkpoint import CheckpointInfo, CheckpointManager, to_universal
 from launch.config import TrainConfig, to_dict, to_yaml
@@ -188,6 +188,7 @@ class Trainer:
             flip=cfg.data.flip,
             jitter=cfg.data.jitter,
             on_corrupt=cfg.data.on_corrupt,
+            pin_memory=self.device.type == "cuda",
         )
         val = EvalStream(
             root / cfg.data.val_split,
@@ -315,7 +316,15 @@ class Trainer:
 
     def _micro_step(self, engine, criterion, images, labels, iteration: int):
         """Forward, loss, the non-finite check (all ranks agree), backward + step if finite."""
+        # On the host copy: the check costs no host-device sync (the loss skips its own).
+        try:
+            validate_labels(labels, self.spec.num_classes, self.spec.ignore_index)
+        except ValueError as exc:
+            split = Path(self.cfg.data.root) / self.cfg.data.train_split
+            raise ValueError(f"{split}: training batch of iteration {iteration}: {exc}") from None
         images = images.to(self.device, non_blocking=True)  # (B, 3, crop, crop)
+        if self.cfg.runtime.channels_last:  # every activation follows the input's layout
+            images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)  # (B, crop, crop)
         outputs = {k: v.float() for k, v in engine(images, labels).items()}  # fp32 losses
         loss, terms = criterion(outputs, labels)
@@ -434,6 +443,7 @@ class Trainer:
             cfg.loss.ohem_thresh,
             cfg.loss.ohem_min_kept,
             self.spec.ignore_index,
+            check_labels=False,  # _micro_step checks each batch on the host
         )
         with torch.random.fork_rng(devices=[]):
             pictures = self._picture_samples()

@@ -256,12 +256,14 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=None,  # the dataset batches; each item is one batch or one eval sample
         num_workers=num_workers,
         prefetch_factor=2 if num_workers > 0 else None,
+        # Page-locked batches: a copy from pageable memory would wait for the GPU's queue.
+        pin_memory=pin_memory,
         # Its own generator: creating the loader leaves the global torch RNG alone (the streams
         # are seeded explicitly and never use the worker seeds it derives).
         generator=torch.Generator().manual_seed(0),
@@ -360,6 +362,8 @@ class TrainStream:
     Breaking out of an epoch and iterating again continues where it stopped. ``state_dict()``
     / ``load_state_dict()`` save and restore the position exactly (see the module docstring).
     Each worker holds ``shuffle_buffer`` encoded samples (about 2.5 MB each for Cityscapes PNGs).
+    ``pin_memory`` yields page-locked batches (for training on a GPU, where it lets the step's
+    ``.to(device, non_blocking=True)`` overlap with the work already queued).
     """
 
     def __init__(
@@ -378,6 +382,7 @@ class TrainStream:
         jitter: bool = False,
         shuffle_buffer: int = 128,
         on_corrupt: str = "raise",
+        pin_memory: bool = False,
     ) -> None:
         _check_on_corrupt(on_corrupt)
         for name, v, low in (
@@ -396,7 +401,7 @@ class TrainStream:
             raise ValueError(f"{_manifest.manifest_path(split_dir)}: the split has no samples")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, int(seed), shuffle_buffer
-        self.on_corrupt = on_corrupt
+        self.on_corrupt, self.pin_memory = on_corrupt, bool(pin_memory)
         self.augment = TrainAugment(as_hw(crop_size), tuple(scale_range), flip, jitter)
         if batches_per_epoch is None:
             # about one pass over the split per epoch across all ranks
@@ -418,7 +423,8 @@ class TrainStream:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._roll()
         epoch, start = self.epoch, self.step
-        batches = iter(_loader(_TrainWorkerStream(self, epoch, start), self.num_workers))
+        dataset = _TrainWorkerStream(self, epoch, start)
+        batches = iter(_loader(dataset, self.num_workers, self.pin_memory))
         try:
             for _ in range(start, self.batches_per_epoch):
                 images, labels, n_skipped, reasons = next(batches)

@@ -36,6 +36,7 @@ bench: venv  ## every benchmark script; JSON under benchmarks/results/ (see benc
 	$(PY) benchmarks/cdgc_scaling.py --json benchmarks/results/cdgc_scaling.json
 	$(PY) benchmarks/train_step.py --json benchmarks/results/train_step.json
 	$(PY) benchmarks/inference.py --json benchmarks/results/inference.json
+	$(PY) benchmarks/ohem_loss.py --json benchmarks/results/ohem_loss.json
 	$(PY) benchmarks/deepspeed_stages.py --json benchmarks/results/deepspeed_stages.json
 	$(PY) benchmarks/data_pipeline.py --json benchmarks/results/data_pipeline.json
 

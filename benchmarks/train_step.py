@@ -8,8 +8,13 @@ Cases, side by side in one run (their steps take turns, so machine noise hits al
 - cdgc:        CDGCNet (ASPP + CDGC, graph "ds"), CDGC checkpointing off
 - cdgc_ckpt:   the same model object with CDGC checkpointing on
 - baseline:    the same backbone + ASPP without the CDGC module (context="none"; DeepLabV3-style)
+- cdgc_nchw:   the cdgc model object fed NCHW (contiguous) batches instead of channels-last
+- cdgc_compiled (--compile): CDGCNet with torch.compile on the backbone and ASPP (the
+               compile happens in the warm-up steps, which are not timed)
 - torchvision: torchvision deeplabv3_resnet101 (weights=None) at the same crop and batch, only
                when torchvision is importable (paper presets only: it is ResNet-101).
+Every case but cdgc_nchw gets channels-last input batches, as launch/trainer.py does
+(runtime.channels_last); the weights keep the default layout there, and here.
 CUDA: bf16 autocast, times from CUDA events; CPU: fp32.
 
 Peak memory per device: each case in a fresh subprocess (model + SGD state + one warm-up and one
@@ -49,7 +54,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(crop=65, batch=2, classes=19, depth=18, channels=64, aspp_channels=64),
 }
 PAPER = ("cityscapes", "voc", "cocostuff")
-CASES = ("cdgc", "cdgc_ckpt", "baseline", "torchvision")
+CASES = ("cdgc", "cdgc_ckpt", "baseline", "cdgc_nchw", "torchvision")
+SAME_MODEL = ("cdgc_ckpt", "cdgc_nchw")  # run on the cdgc case's model object
 
 
 def _has_torchvision() -> bool:
@@ -82,14 +88,21 @@ def build(case: str, p: dict[str, Any], device: torch.device) -> torch.nn.Module
             checkpoint=case == "cdgc_ckpt",
         )
         model = build_model(cfg)
+        if case == "cdgc_compiled":  # the static-shape parts; CDGC's segments vary per step
+            model.backbone = torch.compile(model.backbone)
+            model.aspp = torch.compile(model.aspp)
     return model.to(device).train()
 
 
-def inputs(p: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs(
+    p: dict[str, Any], device: torch.device, channels_last: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised-looking images (B,3,H,W) and blob labels (B,H,W) with an ignored band."""
     b, s, m = p["batch"], p["crop"], p["classes"]
     g = torch.Generator().manual_seed(1)
     images = torch.randn(b, 3, s, s, generator=g)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = common.blob_labels(b, s, s, m, cells=max(s // 64, 3), seed=2)
     labels[:, : s // 16] = 255
     return images.to(device), labels.to(device)
@@ -99,7 +112,7 @@ def make_step(case: str, model: torch.nn.Module, p: dict[str, Any], device: torc
     """A closure running one full training step of `model` on fixed inputs."""
     from cdgcnet.losses import CDGCLoss
 
-    images, labels = inputs(p, device)
+    images, labels = inputs(p, device, channels_last=case != "cdgc_nchw")
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     loss_fn = CDGCLoss().to(device)
     use_bf16 = device.type == "cuda"
@@ -141,6 +154,8 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     p = PRESETS[name]
     cases = [c for c in CASES if c != "torchvision"]
+    if args.compile:
+        cases.append("cdgc_compiled")
     if name in PAPER and _has_torchvision():
         cases.append("torchvision")
     skipped = {}
@@ -148,8 +163,9 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> lis
         skipped["torchvision"] = (
             "torchvision not importable" if name in PAPER else "ResNet-101 only; not at this preset"
         )
-    models = {c: build(c, p, device) for c in cases if c != "cdgc_ckpt"}
-    models["cdgc_ckpt"] = models["cdgc"]  # same weights; checkpointing toggled per step
+    models = {c: build(c, p, device) for c in cases if c not in SAME_MODEL}
+    for c in SAME_MODEL:
+        models[c] = models["cdgc"]  # same weights; checkpointing toggled per step
     steps = {}
     for c in cases:
         inner = make_step(c, models[c], p, device)
@@ -159,11 +175,11 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> lis
             inner()
 
         steps[c] = step
-    flops = {}
-    for c in cases:
-        if c != "cdgc_ckpt":
-            flops[c] = common.count_flops(steps[c])
-    flops["cdgc_ckpt"] = flops["cdgc"]
+    # The same model FLOPs as cdgc: checkpointing, layout and compilation change no model work.
+    same = (*SAME_MODEL, "cdgc_compiled")
+    flops = {c: common.count_flops(steps[c]) for c in cases if c not in same}
+    for c in same:
+        flops[c] = flops["cdgc"]
     times = common.interleaved_times(steps, device, args.warmup, args.iters)
     del models, steps
     if device.type == "cuda":
@@ -229,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per memory subprocess, s")
     ap.add_argument("--smoke", action="store_true", help="tiny model and crop (script check)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="add a case with torch.compile on the backbone and ASPP (compiles first: minutes)",
+    )
     ap.add_argument("--json", default=None, help="write the records here")
     args = ap.parse_args(argv)
     device = common.pick_device(args.device)

@@ -105,3 +105,69 @@ def test_train_step_under_bf16_autocast() -> None:
     assert torch.isfinite(total)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_training_step_syncs_only_in_the_cdgc_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUDA's own sync check ("error") around a channels-last bf16 step; the CDGC plan's one
+    # segment-size read is let through and counted. tests/cdgcnet/test_host_syncs.py is the
+    # CPU version of this check.
+    cfg = model_preset("cpu_small")
+    torch.manual_seed(0)
+    model = build_model(cfg).to(CUDA).train()
+    criterion = CDGCLoss(ohem_min_kept=1000, check_labels=False)
+    images = torch.randn(2, 3, 97, 97, device=CUDA).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, cfg.num_classes, (2, 97, 97), device=CUDA)
+    target[:, :8] = 255
+    plans = []
+    plan = CDGCModule._plan
+
+    def plan_allowed(self, *args):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            plans.append(1)
+            return plan(self, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    monkeypatch.setattr(CDGCModule, "_plan", plan_allowed)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            total, _ = criterion(model(images, target), target)
+        total.backward()
+
+    step()  # warm-up: lazy initialisation and kernel selection may sync
+    torch.cuda.synchronize()
+    plans.clear()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert plans == [1]
+
+
+def test_segment_attention_runs_on_the_memory_efficient_kernel_at_width_512() -> None:
+    # Flash attention takes head dimensions up to 256; the paper's C = 512 must not fall back
+    # to the math kernel, which builds each segment's L x L matrix in memory.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from cdgcnet.cdgc import _segment_attention
+
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    sizes = [700, 0, 1, 2048, 333]
+    q, k, v = (
+        torch.randn(sum(sizes), 512, device=CUDA, generator=g, dtype=torch.bfloat16)
+        .mul_(0.05)
+        .requires_grad_(True)
+        for _ in range(3)
+    )
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        out = _segment_attention(q, k, v, sizes)
+        out.float().square().sum().backward()
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = _segment_attention(q.detach(), k.detach(), v.detach(), sizes)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))

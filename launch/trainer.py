@@ -106,6 +106,39 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class LoaderWatch:
+    """The share of each step spent waiting for the next batch, and one warning when the data
+    loader holds training up: the median share over `window` steps (after the first `skip`,
+    which include the workers' start) above `threshold`."""
+
+    def __init__(
+        self, num_workers: int, window: int = 50, threshold: float = 0.10, skip: int = 5
+    ) -> None:
+        self.num_workers = num_workers
+        self.window, self.threshold, self.skip = window, threshold, skip
+        self.shares: list[float] = []
+        self.seen = 0
+        self.warned = False
+
+    def add(self, wait_s: float, step_s: float) -> str | None:
+        """Record one step; return the warning the first time the loader is the bottleneck."""
+        self.seen += 1
+        if self.seen <= self.skip or self.warned:
+            return None
+        self.shares = [*self.shares[-(self.window - 1) :], wait_s / max(step_s, 1e-9)]
+        if len(self.shares) < self.window:
+            return None
+        median = sorted(self.shares)[len(self.shares) // 2]
+        if median <= self.threshold:
+            return None
+        self.warned = True
+        return (
+            f"the data loader holds training up: the median step waited {median:.0%} of its "
+            f"time for the next batch over the last {self.window} steps; raise "
+            f"data.num_workers (now {self.num_workers}) if the machine has idle CPU cores"
+        )
+
+
 class Trainer:
     """One run: build, (resume,) train, evaluate, checkpoint, export."""
 
@@ -458,14 +491,17 @@ class Trainer:
         images_per_iter = cfg.data.batch_size * w.world_size * self.accum
         metrics: dict = {}
         engine.train()
+        watch = LoaderWatch(cfg.data.num_workers)
         try:
             first = True
             for it in range(start + 1, total + 1):
                 t0 = time.perf_counter()
                 lr = self._set_lr(engine, it - 1)
-                finite_all, sums = True, {}
+                finite_all, sums, wait = True, {}, 0.0
                 for _ in range(self.accum):
+                    t_wait = time.perf_counter()
                     images, labels = next(batches)
+                    wait += time.perf_counter() - t_wait
                     if first and rng is not None:
                         set_rng_state(rng)  # after the loader started: see module docstring
                     first = False
@@ -475,7 +511,10 @@ class Trainer:
                         sums[k] = sums.get(k, 0.0) + v / self.accum
                 self._count_nonfinite(finite_all, it)
                 dt = time.perf_counter() - t0
-                self._record(it, lr, sums, finite_all, engine, images_per_iter / dt)
+                self._record(it, lr, sums, finite_all, engine, images_per_iter / dt, wait / dt)
+                warning = watch.add(wait, dt)
+                if warning:
+                    self._log(f"iteration {it}: {warning}")
                 self._stop_if_nonfinite(it)
                 bar.update(1)
                 bar.set_postfix(
@@ -518,7 +557,7 @@ class Trainer:
                 f"{self.ckpts.root} holds finite weights."
             )
 
-    def _record(self, it, lr, terms, finite, engine, images_per_s) -> None:
+    def _record(self, it, lr, terms, finite, engine, images_per_s, data_wait) -> None:
         if not self.world.is_main:
             return
         record = {
@@ -527,6 +566,7 @@ class Trainer:
             "finite": finite,
             "loss": terms,
             "nonfinite_total": self.nonfinite_total,
+            "data_wait_fraction": round(data_wait, 4),
         }
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -537,6 +577,7 @@ class Trainer:
             {
                 "train/lr": lr,
                 "train/images_per_s": images_per_s,
+                "train/data_wait_fraction": data_wait,
                 "train/nonfinite_skipped": self.nonfinite_total,
             }
         )

@@ -59,4 +59,20 @@ def test_run_in_process_with_fail_once(tmp_path, tmp_path_factory) -> None:
     assert res["iteration"] == 4 and 0.0 <= res["miou"] <= 1.0
     assert len(res["iou"]) == 19 and res["run_id"] is None  # MLflow off in this test
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 for r in losses(run_dir).values())
     assert (run_dir / "failed_once_at_2").exists() and (run_dir / "model.pt").exists()
+
+
+def test_loader_watch_warns_once_when_the_loader_is_the_bottleneck() -> None:
+    from launch.trainer import LoaderWatch
+
+    watch = LoaderWatch(num_workers=2, window=4, threshold=0.1, skip=2)
+    # Start-up steps are skipped even when they mostly wait (the workers are starting).
+    assert [watch.add(0.9, 1.0) for _ in range(2)] == [None, None]
+    # A fed loader: 5% waits never warn.
+    assert [watch.add(0.05, 1.0) for _ in range(10)] == [None] * 10
+    # A starved loader: the (upper) median of the 4-step window reaches 50% on the second
+    # slow step; it warns then, and only then.
+    got = [watch.add(0.5, 1.0) for _ in range(6)]
+    assert got[0] is None and got[2:] == [None] * 4
+    assert got[1] is not None and "50%" in got[1] and "data.num_workers (now 2)" in got[1]

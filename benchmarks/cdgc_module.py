@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 CPU_SHAPES = [dict(B=2, C=256, H=48, W=48, M=19)]
 CUDA_SHAPES = [dict(B=2, C=512, H=97, W=97, M=19), dict(B=2, C=512, H=65, W=65, M=171)]
 VARIANTS = [("dense", False), ("segmented", False), ("segmented", True)]  # (impl, checkpoint)
+CUDA_VARIANTS = [("jagged", False)]  # one varlen kernel on CUDA; per-segment math on CPU
 
 
 def _inputs(B, C, H, W, M, device, seed=0):
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         cases += [(s, "cuda") for s in CUDA_SHAPES]
     records = []
     for shape, device in cases:
-        for impl, ckpt in VARIANTS:
+        for impl, ckpt in VARIANTS + (CUDA_VARIANTS if device == "cuda" else []):
             case = dict(shape, device=device, impl=impl, checkpoint=ckpt, iters=args.iters)
             est = _dense_estimate_gb(shape, 4)
             if impl == "dense" and device == "cpu" and est > 0.8 * _available_gb():
@@ -274,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{device} {shape}: segmented is {d['fwd_bwd_ms'] / s['fwd_bwd_ms']:.1f}x faster, "
                 f"{d['peak_mem_mb'] / max(s['peak_mem_mb'], 1e-3):.1f}x less peak memory"
+            )
+        j = rows.get(("jagged", False))
+        if j and j["fwd_bwd_ms"] and s["fwd_bwd_ms"]:
+            print(
+                f"{device} {shape}: jagged / segmented time {j['fwd_bwd_ms'] / s['fwd_bwd_ms']:.2f}"
             )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

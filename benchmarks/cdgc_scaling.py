@@ -1,7 +1,7 @@
 """How the CDGC module's cost grows with the feature size N and the class count M.
 
-    python benchmarks/cdgc_scaling.py [--full] [--C 128] [--B 1] [--iters N] [--json PATH]
-                                      [--dense-budget-gb G] [--smoke]
+    python benchmarks/cdgc_scaling.py [--full] [--jagged] [--C 128] [--B 1] [--iters N]
+                                      [--json PATH] [--dense-budget-gb G] [--smoke]
 
 The module alone (training mode, graph "ds", ratio 1.0, all three parts), dense vs segmented,
 forward + backward (loss = mean of R^2), over feature sides S (N = S*S nodes) and class counts M.
@@ -18,6 +18,9 @@ Dense cases whose estimated memory (6 x B x M x N^2 x 4 bytes: scores, masked lo
 adjacency and their gradients) exceeds --dense-budget-gb are recorded as skipped, not run.
 Default grid: CPU S in {33, 49, 65}, M in {19, 171}, C=128, B=1, fp32 (about 5 minutes on two
 cores); --full or CUDA: S in {33, 49, 65, 97, 129}, M in {19, 21, 171} (CUDA: C=512, bf16).
+On CUDA the "jagged" implementation (all segments in one nested-tensor attention call) runs
+beside the other two; on CPU torch runs it as per-segment math, so it runs there only with
+--jagged.
 """
 
 from __future__ import annotations
@@ -130,21 +133,23 @@ def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
             x, coarse, target = make_inputs(args.B, args.C, s, m, device)
             stats = node_stats(mod, coarse, target)
             est = dense_estimate_gb(args.B, m, n, 2 if cuda else 4)
-            impls = ["segmented"]
+            impls = ["segmented", "jagged"] if cuda or args.jagged else ["segmented"]
             if est <= budget:
                 impls.insert(0, "dense")
             steps = {i: make_step(mod, x, coarse, target, device, i) for i in impls}
             try:
                 times = common.interleaved_times(steps, device, args.warmup, args.iters)
             except torch.OutOfMemoryError:
-                times = {"segmented": []}
-                if "dense" in steps:
-                    steps.pop("dense")
-                    impls.remove("dense")
-                    torch.cuda.empty_cache()
-                    times = common.interleaved_times(steps, device, args.warmup, args.iters)
+                if "dense" not in steps:
+                    raise
+                steps.pop("dense")
+                impls.remove("dense")
+                torch.cuda.empty_cache()
+                times = common.interleaved_times(steps, device, args.warmup, args.iters)
             del steps, mod
-            for impl in ("dense", "segmented"):
+            for impl in ("dense", "segmented", "jagged"):
+                if impl not in impls and impl == "jagged":
+                    continue  # not asked for on CPU (--jagged)
                 row: dict[str, Any] = dict(
                     impl=impl,
                     device=device.type,
@@ -173,7 +178,7 @@ def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
                     row.update(common.run_in_subprocess(Path(__file__), child, args.timeout))
                 row.setdefault("status", "ok")
                 rows.append(row)
-            done = [r for r in rows[-2:] if r.get("fwd_bwd_ms") is not None]
+            done = [r for r in rows[-len(impls) :] if r.get("fwd_bwd_ms") is not None]
             print(
                 f"S={s} M={m}: " + ", ".join(f"{r['impl']} {r['fwd_bwd_ms']:.1f} ms" for r in done),
                 flush=True,
@@ -186,7 +191,7 @@ def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
 def fits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Growth exponents per (impl, M): memory vs N, time vs N, time vs sum |V_m|^2."""
     out = []
-    for impl in ("dense", "segmented"):
+    for impl in ("dense", "segmented", "jagged"):
         for m in sorted({r["M"] for r in rows}):
             sel = [r for r in rows if r["impl"] == impl and r["M"] == m and r.get("fwd_bwd_ms")]
             if len(sel) < 2:
@@ -218,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--full", action="store_true", help="the whole grid (default on CUDA)")
+    ap.add_argument(
+        "--jagged",
+        action="store_true",
+        help="also time impl='jagged' on CPU (always on CUDA; on CPU it is per-segment math)",
+    )
     ap.add_argument("--C", type=int, default=None, help="channels (CPU 128, CUDA 512)")
     ap.add_argument("--B", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)

@@ -37,6 +37,14 @@ Two implementations share these parameters (``impl`` may be reassigned on an ins
   use it; per-segment calls are used instead. Length-bucketed padded batches, one SDPA and two
   bmm per bucket, were measured slower on CPU at M=19 and no faster at M=171 for S >= 49, see
   benchmarks/README.md.)
+- "jagged": the segmented path with the attention of all segments in one
+  ``scaled_dot_product_attention`` call on a jagged nested tensor: on CUDA one
+  variable-length memory-efficient kernel instead of a call per segment (the segment offsets
+  go to the device from page-locked memory, and the known lengths are passed along, so it adds
+  no sync). On CPU torch runs it as per-segment math, 5-16x slower than "segmented"
+  (benchmarks/README.md). Opt-in until a GPU measurement shows it helps. Not with
+  checkpoint=True: torch's checkpoint cannot save the nested tensors (it raises "NestedTensorImpl
+  doesn't support sizes"), so that combination is refused with an error.
 
 checkpoint=True runs step 2-4 up to the aggregation conv under
 ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``; BN stays outside so its running
@@ -55,7 +63,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 GRAPHS = ("sim", "ds")
-IMPLS = ("segmented", "dense")
+IMPLS = ("segmented", "dense", "jagged")
 PARTS = ("easy", "hard_pos", "hard_neg")
 
 _WHERE = "cdgcnet/cdgc.py"
@@ -72,6 +80,7 @@ class _Plan:
     rows: Tensor  # (T,) row of each membership in the (B*N, C) node matrix
     seg_sizes: list[int]  # (G*B) segment lengths, ordered (class, image)
     class_sizes: list[int]  # (G) memberships per class
+    offsets: Tensor | None = None  # ("jagged") (S+1,) starts of the S non-empty segments
 
 
 class CDGCModule(nn.Module):
@@ -248,6 +257,11 @@ class CDGCModule(nn.Module):
                 return self._segmented(inp, plan)
 
         if self.checkpoint and torch.is_grad_enabled():
+            if self.impl == "jagged":
+                raise _error(
+                    "impl='jagged' cannot run with checkpoint=True (torch's checkpoint cannot "
+                    "save nested tensors); use impl='segmented' or checkpoint=False"
+                )
             pre = _checkpoint(fn, x, use_reentrant=False)
         else:
             pre = fn(x)
@@ -280,7 +294,10 @@ class CDGCModule(nn.Module):
         flat = torch.nonzero_static(by_class, size=sum(seg_sizes)).squeeze(1)  # (T,)
         rows = flat % (b * n)  # (T,) = image * N + node
         class_sizes = [sum(seg_sizes[i * b : (i + 1) * b]) for i in range(g)]
-        return _Plan(rows=rows, seg_sizes=seg_sizes, class_sizes=class_sizes)
+        plan = _Plan(rows=rows, seg_sizes=seg_sizes, class_sizes=class_sizes)
+        if self.impl == "jagged":
+            plan.offsets = _device_offsets([size for size in seg_sizes if size], nodes.device)
+        return plan
 
     def _segmented(self, x: Tensor, plan: _Plan) -> Tensor:
         """Attention inside per-(class, image) segments, then a scatter-add aggregation."""
@@ -290,7 +307,10 @@ class CDGCModule(nn.Module):
         q = self.phi(xf)[plan.rows]  # (T, C)
         k = self.phi_prime(xf)[plan.rows]  # (T, C)
         v = xf[plan.rows]  # (T, C)
-        y = _segment_attention(q, k, v, plan.seg_sizes)  # (T, C), class-major
+        if self.impl == "jagged":
+            y = _jagged_attention(q, k, v, plan)  # (T, C), class-major
+        else:
+            y = _segment_attention(q, k, v, plan.seg_sizes)
         # unbind (not indexing) so that backward stacks the per-class weight gradients once.
         w_graph = self.graph_weight.view(g, c, c).unbind(0)  # G x (C_out, C_in)
         w_agg = self.aggregate_weight.view(c, g, c).unbind(1)  # G x (C_out, C_in)
@@ -351,6 +371,30 @@ def _segment_attention(q: Tensor, k: Tensor, v: Tensor, sizes: list[int]) -> Ten
     if not outs:  # no node at all (T = 0): keep phi, phi' in the graph so they get (zero) grads
         return v + 0.0 * (q + k)  # (0, C)
     return torch.cat(outs, dim=2)[0, 0]
+
+
+def _device_offsets(lengths: list[int], device: torch.device) -> Tensor:
+    """(S+1,) int64 segment starts on device, copied without a sync (page-locked on CUDA)."""
+    offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
+    if device.type != "cuda":
+        return offsets.to(device)
+    return offsets.pin_memory().to(device, non_blocking=True)
+
+
+def _jagged_attention(q: Tensor, k: Tensor, v: Tensor, plan: _Plan) -> Tensor:
+    """The attention of _segment_attention in one SDPA call over a jagged (S, 1, j, C) batch."""
+    lengths = [size for size in plan.seg_sizes if size]
+    if not lengths:  # no node at all (T = 0): as in _segment_attention
+        return v + 0.0 * (q + k)  # (0, C)
+
+    def jagged(t: Tensor) -> Tensor:  # (T, C) -> (S, 1, j, C)
+        nested = torch.nested.nested_tensor_from_jagged(
+            t, plan.offsets, min_seqlen=min(lengths), max_seqlen=max(lengths)
+        )
+        return nested.unflatten(-1, (1, t.shape[1])).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v), scale=1.0)
+    return out.transpose(1, 2).values().flatten(-2)  # (T, C)
 
 
 def _shape(t: object) -> str:

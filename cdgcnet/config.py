@@ -23,7 +23,7 @@ CONTEXTS = ("cdgc", "plain_gcn", "none")
 GRAPHS = ("sim", "ds")
 PARTS = ("easy", "hard_pos", "hard_neg")
 FUSIONS = ("concat", "sum")
-IMPLS = ("segmented", "dense")
+IMPLS = ("segmented", "dense", "jagged")
 
 
 @dataclass
@@ -55,7 +55,9 @@ class ModelConfig:
     fusion: str = "concat"
     """How the CDGC output R joins the feature X: "concat" ([X, R], 2C) | "sum" (X + R)."""
     impl: str = "segmented"
-    """CDGC implementation: "segmented" (fast) | "dense" (literal M x N x N reference)."""
+    """CDGC implementation: "segmented" (fast) | "dense" (literal M x N x N reference) |
+    "jagged" (segmented, all segments in one nested-tensor attention call; for CUDA, opt-in,
+    not with checkpoint)."""
     checkpoint: bool = False
     """Gradient checkpointing of the whole CDGC module."""
     channels: int = 512
@@ -97,6 +99,11 @@ class ModelConfig:
             )
         _check_choice(self, "fusion", FUSIONS)
         _check_choice(self, "impl", IMPLS)
+        if self.impl == "jagged" and self.checkpoint:
+            raise ValueError(
+                "ModelConfig.impl='jagged' cannot be checkpointed (torch's checkpoint cannot save "
+                "nested tensors); use impl='segmented' with checkpoint=True"
+            )
         _check_int(self, "channels", minimum=1)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise ValueError(f"ModelConfig.dropout must be a number, got {self.dropout!r}")

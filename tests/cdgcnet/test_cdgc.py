@@ -53,13 +53,16 @@ def _run(mod: CDGCModule, impl: str, x: torch.Tensor, coarse, target, seed: int 
 
 
 def _assert_impls_agree(mod, x, coarse, target, atol=1e-10):
+    """Both segmented implementations ("segmented", "jagged") against the dense reference."""
     out_d, gx_d, gp_d = _run(mod, "dense", x, coarse, target)
-    out_s, gx_s, gp_s = _run(mod, "segmented", x, coarse, target)
-    torch.testing.assert_close(out_s, out_d, rtol=0, atol=atol)
-    torch.testing.assert_close(gx_s, gx_d, rtol=0, atol=atol)
-    for name, g in gp_d.items():
-        assert g is not None and gp_s[name] is not None, f"no gradient for {name}"
-        torch.testing.assert_close(gp_s[name], g, rtol=0, atol=atol * max(1.0, g.abs().max()))
+    for impl in ("segmented", "jagged"):
+        out_s, gx_s, gp_s = _run(mod, impl, x, coarse, target)
+        torch.testing.assert_close(out_s, out_d, rtol=0, atol=atol, msg=impl)
+        torch.testing.assert_close(gx_s, gx_d, rtol=0, atol=atol, msg=impl)
+        for name, g in gp_d.items():
+            assert g is not None and gp_s[name] is not None, f"{impl}: no gradient for {name}"
+            scale = max(1.0, g.abs().max())
+            torch.testing.assert_close(gp_s[name], g, rtol=0, atol=atol * scale, msg=impl)
     return out_d, gx_d, gp_d
 
 
@@ -185,7 +188,7 @@ def test_every_parameter_gets_a_gradient_with_an_empty_class():
     assert w[2].abs().max() == 0 and w[0].abs().max() > 0  # class 2 is empty
 
 
-@pytest.mark.parametrize("impl", ["dense", "segmented"])
+@pytest.mark.parametrize("impl", ["dense", "segmented", "jagged"])
 def test_class_isolation_at_inference(impl):
     b, h, w = 2, 6, 7
     labels = _blob_labels(b, h, w)
@@ -283,6 +286,15 @@ def test_node_sets_resize_target_with_nearest():
     assert torch.equal(mod.node_sets(coarse, big), mod.node_sets(coarse, _TARGET))
 
 
+def test_jagged_refuses_checkpointing_with_a_clear_error():
+    _, _, x, coarse, target = _case("ds_ratio_0.5")
+    mod = _module(graph="ds", ratio=0.5, impl="jagged", checkpoint=True).train()
+    with pytest.raises(ValueError, match="impl='jagged' cannot run with checkpoint=True"):
+        mod(x.requires_grad_(True), coarse, target)
+    with torch.no_grad():  # nothing to checkpoint without gradients: runs
+        assert mod(x, coarse, target).shape == x.shape
+
+
 @pytest.mark.parametrize("impl", ["dense", "segmented"])
 @pytest.mark.parametrize("class_wise", [True, False])
 def test_checkpoint_gives_identical_gradients(impl, class_wise):
@@ -343,7 +355,7 @@ def test_bad_inputs_are_named():
         ((x[0], coarse, target), "x must be a"),
         ((x, coarse, torch.full((2, 5, 6), 7)), "labels outside"),
     ]
-    for impl in ("dense", "segmented"):
+    for impl in ("dense", "segmented", "jagged"):
         mod.impl = impl
         for args, match in cases:
             with pytest.raises(ValueError, match=match):
@@ -352,7 +364,7 @@ def test_bad_inputs_are_named():
         mod.node_sets(coarse, torch.full((2, 5, 6), -3))
 
 
-@pytest.mark.parametrize("impl", ["dense", "segmented"])
+@pytest.mark.parametrize("impl", ["dense", "segmented", "jagged"])
 def test_runs_under_bf16_autocast_close_to_fp32(impl):
     b, h, w, c, m = 2, 8, 8, 16, 4
     torch.manual_seed(0)

@@ -71,3 +71,9 @@ def test_lists_from_yaml_become_tuples_and_replace_validates():
     assert cfg.replace(fusion="sum").fusion == "sum"
     with pytest.raises(ValueError, match="fusion"):
         cfg.replace(fusion="max")
+
+
+def test_jagged_with_checkpoint_is_refused():
+    assert ModelConfig(impl="jagged").impl == "jagged"
+    with pytest.raises(ValueError, match=r"ModelConfig.impl='jagged' cannot be checkpointed"):
+        ModelConfig(impl="jagged", checkpoint=True)

@@ -107,11 +107,14 @@ def test_train_step_under_bf16_autocast() -> None:
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_training_step_syncs_only_in_the_cdgc_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("impl", ["segmented", "jagged"])
+def test_training_step_syncs_only_in_the_cdgc_plan(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # CUDA's own sync check ("error") around a channels-last bf16 step; the CDGC plan's one
     # segment-size read is let through and counted. tests/cdgcnet/test_host_syncs.py is the
     # CPU version of this check.
-    cfg = model_preset("cpu_small")
+    cfg = model_preset("cpu_small").replace(impl=impl)
     torch.manual_seed(0)
     model = build_model(cfg).to(CUDA).train()
     criterion = CDGCLoss(ohem_min_kept=1000, check_labels=False)

@@ -80,7 +80,6 @@ class _Plan:
     rows: Tensor  # (T,) row of each membership in the (B*N, C) node matrix
     seg_sizes: list[int]  # (G*B) segment lengths, ordered (class, image)
     class_sizes: list[int]  # (G) memberships per class
-    offsets: Tensor | None = None  # ("jagged") (S+1,) starts of the S non-empty segments
 
 
 class CDGCModule(nn.Module):
@@ -294,10 +293,7 @@ class CDGCModule(nn.Module):
         flat = torch.nonzero_static(by_class, size=sum(seg_sizes)).squeeze(1)  # (T,)
         rows = flat % (b * n)  # (T,) = image * N + node
         class_sizes = [sum(seg_sizes[i * b : (i + 1) * b]) for i in range(g)]
-        plan = _Plan(rows=rows, seg_sizes=seg_sizes, class_sizes=class_sizes)
-        if self.impl == "jagged":
-            plan.offsets = _device_offsets([size for size in seg_sizes if size], nodes.device)
-        return plan
+        return _Plan(rows=rows, seg_sizes=seg_sizes, class_sizes=class_sizes)
 
     def _segmented(self, x: Tensor, plan: _Plan) -> Tensor:
         """Attention inside per-(class, image) segments, then a scatter-add aggregation."""
@@ -308,7 +304,7 @@ class CDGCModule(nn.Module):
         k = self.phi_prime(xf)[plan.rows]  # (T, C)
         v = xf[plan.rows]  # (T, C)
         if self.impl == "jagged":
-            y = _jagged_attention(q, k, v, plan)  # (T, C), class-major
+            y = _jagged_attention(q, k, v, plan.seg_sizes)  # (T, C), class-major
         else:
             y = _segment_attention(q, k, v, plan.seg_sizes)
         # unbind (not indexing) so that backward stacks the per-class weight gradients once.
@@ -381,15 +377,16 @@ def _device_offsets(lengths: list[int], device: torch.device) -> Tensor:
     return offsets.pin_memory().to(device, non_blocking=True)
 
 
-def _jagged_attention(q: Tensor, k: Tensor, v: Tensor, plan: _Plan) -> Tensor:
+def _jagged_attention(q: Tensor, k: Tensor, v: Tensor, sizes: list[int]) -> Tensor:
     """The attention of _segment_attention in one SDPA call over a jagged (S, 1, j, C) batch."""
-    lengths = [size for size in plan.seg_sizes if size]
+    lengths = [size for size in sizes if size]
     if not lengths:  # no node at all (T = 0): as in _segment_attention
         return v + 0.0 * (q + k)  # (0, C)
+    offsets = _device_offsets(lengths, q.device)  # (S+1,)
 
     def jagged(t: Tensor) -> Tensor:  # (T, C) -> (S, 1, j, C)
         nested = torch.nested.nested_tensor_from_jagged(
-            t, plan.offsets, min_seqlen=min(lengths), max_seqlen=max(lengths)
+            t, offsets, min_seqlen=min(lengths), max_seqlen=max(lengths)
         )
         return nested.unflatten(-1, (1, t.shape[1])).transpose(1, 2)
 

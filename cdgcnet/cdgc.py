@@ -23,7 +23,7 @@ What forward computes, given X (B, C, H, W) and coarse logits P (B, M, H, W):
 4. R = ReLU(BN(conv1x1_{G*C -> C}(Z_1 .. Z_G))) (``aggregate_weight`` (C, G*C, 1, 1), bias-free
    as BN follows): the refined feature, returned before fusion.
 
-Two implementations share these parameters (``impl`` may be reassigned on an instance):
+Three implementations share these parameters (``impl`` may be reassigned on an instance):
 
 - "dense": the literal reference, builds the (B, G, N, N) masked adjacency and the
   (B, G*C, H, W) class maps. Only usable at small N.
@@ -38,10 +38,11 @@ Two implementations share these parameters (``impl`` may be reassigned on an ins
   bmm per bucket, were measured slower on CPU at M=19 and no faster at M=171 for S >= 49, see
   benchmarks/README.md.)
 - "jagged": the segmented path with the attention of all segments in one
-  ``scaled_dot_product_attention`` call on a jagged nested tensor: on CUDA one
-  variable-length memory-efficient kernel instead of a call per segment (the segment offsets
-  go to the device from page-locked memory, and the known lengths are passed along, so it adds
-  no sync). On CPU torch runs it as per-segment math, 5-16x slower than "segmented"
+  ``scaled_dot_product_attention`` call on a jagged nested tensor, meant for CUDA, where torch
+  can serve it with one variable-length fused kernel instead of a launch per segment (whether
+  it does at C=512 is checked by tests/cdgcnet/test_gpu.py, not yet run). The segment offsets
+  go to the device from page-locked memory and the known lengths are passed along, so it adds
+  no sync. On CPU torch runs it as per-segment math, 2-7x slower than "segmented"
   (benchmarks/README.md). Opt-in until a GPU measurement shows it helps. Not with
   checkpoint=True: torch's checkpoint cannot save the nested tensors (it raises "NestedTensorImpl
   doesn't support sizes"), so that combination is refused with an error.

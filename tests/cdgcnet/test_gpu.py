@@ -152,13 +152,17 @@ def test_training_step_syncs_only_in_the_cdgc_plan(
     assert plans == [1]
 
 
-def test_segment_attention_runs_on_the_memory_efficient_kernel_at_width_512() -> None:
+@pytest.mark.parametrize("impl", ["segmented", "jagged"])
+def test_attention_runs_on_the_memory_efficient_kernel_at_width_512(impl: str) -> None:
     # Flash attention takes head dimensions up to 256; the paper's C = 512 must not fall back
-    # to the math kernel, which builds each segment's L x L matrix in memory.
+    # to the math kernel, which builds each segment's L x L matrix in memory. "jagged" runs
+    # all segments as one nested tensor; the restriction makes SDPA fail if no fused kernel
+    # takes it.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from cdgcnet.cdgc import _segment_attention
+    from cdgcnet.cdgc import _jagged_attention, _segment_attention
 
+    attend = _jagged_attention if impl == "jagged" else _segment_attention
     g = torch.Generator(device=CUDA).manual_seed(0)
     sizes = [700, 0, 1, 2048, 333]
     q, k, v = (
@@ -168,7 +172,7 @@ def test_segment_attention_runs_on_the_memory_efficient_kernel_at_width_512() ->
         for _ in range(3)
     )
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        out = _segment_attention(q, k, v, sizes)
+        out = attend(q, k, v, sizes)
         out.float().square().sum().backward()
     with sdpa_kernel(SDPBackend.MATH):
         ref = _segment_attention(q.detach(), k.detach(), v.detach(), sizes)

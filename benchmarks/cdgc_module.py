@@ -1,6 +1,6 @@
 """Forward+backward time and peak memory of the CDGC module, dense vs segmented.
 
-    python benchmarks/cdgc_module.py [--json PATH] [--iters N]
+    python benchmarks/cdgc_module.py [--json PATH] [--iters N] [--smoke]
 
 CPU threads follow torch's default (set OMP_NUM_THREADS to choose).
 
@@ -28,65 +28,27 @@ Needs torch only.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
+from benchmarks import common
+
 CPU_SHAPES = [dict(B=2, C=256, H=48, W=48, M=19)]
+SMOKE_SHAPES = [dict(B=1, C=16, H=12, W=10, M=5)]
 CUDA_SHAPES = [dict(B=2, C=512, H=97, W=97, M=19), dict(B=2, C=512, H=65, W=65, M=171)]
 VARIANTS = [("dense", False), ("segmented", False), ("segmented", True)]  # (impl, checkpoint)
 CUDA_VARIANTS = [("jagged", False)]  # one varlen kernel on CUDA; per-segment math on CPU
 
 
 def _inputs(B, C, H, W, M, device, seed=0):
-    import torch
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(seed)
-    low = torch.randn(B, M, max(H // 12, 2), max(W // 12, 2), generator=g)
-    coarse = F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)  # (B, M, H, W)
-    coarse = 4.0 * coarse + 0.1 * torch.randn(coarse.shape, generator=g)
-    jitter = 0.3 * torch.randn(low.shape, generator=g)
-    target = F.interpolate(low + jitter, size=(H, W), mode="bilinear", align_corners=False)
-    target = target.argmax(1)  # (B, H, W)
-    target[:, : max(H // 16, 1)] = 255
-    x = torch.randn(B, C, H, W, generator=g)
-    return x.to(device), coarse.to(device), target.to(device)
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"benchmarks/cdgc_module.py: no {field} in /proc/self/status")
-
-
-def _release_free_heap() -> None:
-    # Hand freed heap pages back to the OS, so that reuse of memory the warm-up freed shows up
-    # in the peak instead of hiding inside the baseline.
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _reset_cpu_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
+    cells = (max(H // 12, 2), max(W // 12, 2))
+    return common.cdgc_inputs(B, C, H, W, M, cells, device, seed)
 
 
 def run_case(case: dict) -> dict:
@@ -125,7 +87,7 @@ def run_case(case: dict) -> dict:
         )
 
     def memory_now() -> float:
-        return torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb("VmRSS")
+        return torch.cuda.memory_allocated() / 2**20 if cuda else common.status_mb("VmRSS")
 
     held = []  # memory still held between forward and backward (what checkpointing saves)
 
@@ -142,35 +104,15 @@ def run_case(case: dict) -> dict:
         step()  # warm-up: one-time costs (library code paged in, thread pools) are not the case's
         x.grad = None  # the measured steps allocate their gradients anew, so they count
         mod.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            held.clear()
-        else:
-            _release_free_heap()
-            base = _rss_mb("VmRSS")
-            held.clear()
-            if not _reset_cpu_peak():
-                record["status"] = "ok (peak from ru_maxrss, may overstate)"
-        for _ in range(case["iters"]):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
+        held.clear()
+        # The baseline: after the warm-up, its freed heap handed back to the OS (CPU).
+        with common.PeakMemory(device) as mem:
+            for _ in range(case["iters"]):
+                times.append(common.time_call(step, device))
     except torch.OutOfMemoryError:
         record["status"] = "out of memory"
         return record
-    if cuda:
-        base /= 2**20
-        peak = torch.cuda.max_memory_allocated() / 2**20 - base
-    elif record["status"] == "ok":
-        peak = _rss_mb("VmHWM") - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - base
+    peak, base = mem.peak_mb, mem.base_mb
     record["fwd_bwd_ms"] = round(statistics.median(times), 2)
     record["peak_mem_mb"] = round(peak, 1)
     record["held_after_fwd_mb"] = round(max(held) - base, 1)
@@ -181,14 +123,6 @@ def _dense_estimate_gb(s: dict, bytes_per: int) -> float:
     # The dense path holds several (B, M, N, N) tensors at once (scores, softmax, grads).
     n = s["H"] * s["W"]
     return 6 * s["B"] * s["M"] * n * n * bytes_per / 2**30
-
-
-def _available_gb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    return float("inf")
 
 
 def _spawn(case: dict) -> dict:
@@ -234,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the records to this JSON file")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per case")
+    parser.add_argument("--smoke", action="store_true", help="one tiny CPU shape (script check)")
     parser.add_argument("--_case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._case:
@@ -242,17 +177,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    cases = [(s, "cpu") for s in CPU_SHAPES]
-    if torch.cuda.is_available():
+    cases = [(s, "cpu") for s in (SMOKE_SHAPES if args.smoke else CPU_SHAPES)]
+    if torch.cuda.is_available() and not args.smoke:
         cases += [(s, "cuda") for s in CUDA_SHAPES]
     records = []
     for shape, device in cases:
         for impl, ckpt in VARIANTS + (CUDA_VARIANTS if device == "cuda" else []):
             case = dict(shape, device=device, impl=impl, checkpoint=ckpt, iters=args.iters)
             est = _dense_estimate_gb(shape, 4)
-            if impl == "dense" and device == "cpu" and est > 0.8 * _available_gb():
+            if impl == "dense" and device == "cpu" and est > 0.8 * common.available_memory_gb():
                 rec = dict(case, fwd_bwd_ms=None, peak_mem_mb=None, status="skipped: needs ~")
-                rec["status"] += f"{est:.0f} GB, {_available_gb():.0f} GB available"
+                rec["status"] += f"{est:.0f} GB, {common.available_memory_gb():.0f} GB available"
                 rec.pop("iters")
             else:
                 rec = _spawn(case)
@@ -282,11 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{device} {shape}: jagged / segmented time {j['fwd_bwd_ms'] / s['fwd_bwd_ms']:.2f}"
             )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(records, indent=2) + "\n")
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+        common.write_json(args.json, records)
     return 0
 
 

@@ -33,7 +33,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import common
 
@@ -47,16 +46,8 @@ SMOKE_CLASSES = (5,)
 
 def make_inputs(b: int, c: int, s: int, m: int, device: torch.device, seed: int = 0):
     """x (B,C,S,S), coarse logits (B,M,S,S) of class blobs, target (B,S,S) mostly agreeing."""
-    g = torch.Generator().manual_seed(seed)
     cells = max(s // 8, 3)
-    low = torch.randn(b, m, cells, cells, generator=g)
-    coarse = F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)
-    coarse = 4.0 * coarse + 0.1 * torch.randn(coarse.shape, generator=g)  # (B, M, S, S)
-    noisy = low + 0.3 * torch.randn(low.shape, generator=g)
-    target = F.interpolate(noisy, size=(s, s), mode="bilinear", align_corners=False).argmax(1)
-    target[:, : max(s // 16, 1)] = 255
-    x = torch.randn(b, c, s, s, generator=g)
-    return x.to(device), coarse.to(device), target.to(device)
+    return common.cdgc_inputs(b, c, s, s, m, (cells, cells), device, seed)
 
 
 def build(spec: dict[str, Any], device: torch.device):

@@ -168,7 +168,8 @@ def summary(times_ms: Sequence[float]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -211,7 +212,7 @@ class PeakMemory:
                     "benchmarks/common.py: cannot reset the RSS high-water mark "
                     f"(/proc/self/clear_refs: {exc}); CPU peak memory needs Linux"
                 ) from exc
-            self.base_mb = _status_mb("VmRSS")
+            self.base_mb = status_mb("VmRSS")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -219,7 +220,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base_mb
         else:
-            self.peak_mb = _status_mb("VmHWM") - self.base_mb
+            self.peak_mb = status_mb("VmHWM") - self.base_mb
 
     @property
     def absolute_peak_mb(self) -> float:
@@ -317,6 +318,32 @@ def count_flops(fn: Callable[[], Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- inputs
 
 
+def cdgc_inputs(
+    b: int,
+    c: int,
+    h: int,
+    w: int,
+    m: int,
+    cells: tuple[int, int],
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CDGC module inputs that look like a training step: x (B,C,H,W); coarse logits (B,M,H,W)
+    of smooth random class blobs (`cells` blobs per side); a target (B,H,W) made of the same
+    blobs, perturbed, with an ignored top band."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(b, m, *cells, generator=g)
+    coarse = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+    coarse = 4.0 * coarse + 0.1 * torch.randn(coarse.shape, generator=g)  # (B, M, H, W)
+    noisy = low + 0.3 * torch.randn(low.shape, generator=g)
+    target = F.interpolate(noisy, size=(h, w), mode="bilinear", align_corners=False).argmax(1)
+    target[:, : max(h // 16, 1)] = 255
+    x = torch.randn(b, c, h, w, generator=g)
+    return x.to(device), coarse.to(device), target.to(device)
+
+
 def blob_labels(b: int, h: int, w: int, m: int, cells: int, seed: int) -> torch.Tensor:
     """(B, H, W) int64 labels made of smooth random class blobs (cells x cells seeds per side).
 
@@ -353,7 +380,7 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+def write_json(path: str | Path, payload: dict[str, Any] | list[Any]) -> None:
     """Write payload as JSON atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

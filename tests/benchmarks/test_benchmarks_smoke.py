@@ -102,3 +102,16 @@ def test_ohem_loss_smoke(tmp_path: Path) -> None:
     ]
     assert all(r["median_ms"] > 0 and r["peak_mb"] >= 0 for r in rows)
     assert all(r["time_vs_gather"] > 0 for r in rows if r["impl"] == "masked")
+
+
+def test_cdgc_module_smoke(tmp_path: Path) -> None:
+    from benchmarks import cdgc_module
+
+    out = tmp_path / "module.json"
+    assert cdgc_module.main(["--smoke", "--iters", "1", "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())
+    assert [(r["impl"], r["checkpoint"]) for r in recs] == cdgc_module.VARIANTS
+    for r in recs:
+        assert r["status"] == "ok", r
+        assert r["fwd_bwd_ms"] > 0 and r["peak_mem_mb"] >= 0
+        assert r["memberships_per_node"] >= 0.8

@@ -35,18 +35,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="launch/evaluate.py",
         description="Evaluate a CDGCNet checkpoint: per-class IoU and mIoU (stdout and MLflow).",
     )
-    p.add_argument("--checkpoint", required=True, help="model.pt, run dir or DeepSpeed checkpoint")
-    p.add_argument("--config", help="preset or .yaml/.json (default: the checkpoint's config)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.add_argument("--ms", action="store_true", help="multi-scale: 0.75 .. 2.0")
-    p.add_argument("--flip", action="store_true", help="add horizontally flipped passes")
-    p.add_argument("--sliding", action="store_true", help="sliding window (eval.crop/stride)")
+    add_model_args(p)
     p.add_argument("--split", help="split to evaluate (default data.val_split)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The checkpoint, config and inference-mode arguments of evaluate.py and predict.py."""
+    p.add_argument("--checkpoint", required=True, help="model.pt, run dir or DeepSpeed checkpoint")
+    p.add_argument("--config", help="preset or .yaml/.json (default: the checkpoint's config)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--ms", action="store_true", help="multi-scale: 0.75 .. 2.0")
+    p.add_argument("--flip", action="store_true", help="add horizontally flipped passes")
+    p.add_argument("--sliding", action="store_true", help="sliding window (eval.crop/stride)")
 
 
 def resolve_config(args: argparse.Namespace, ckpt_cfg: dict):
@@ -106,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args, cfg, spec, model, iteration, world, device) -> int:
-    from launch.evaluation import evaluate
+    from launch.evaluation import evaluate_run
     from launch.tracking import Tracker, iou_table_markdown
     from pipeline.reader import EvalStream
 
@@ -122,19 +127,7 @@ def _evaluate(args, cfg, spec, model, iteration, world, device) -> int:
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {split_dir}: cannot read the evaluation split: {e}", file=sys.stderr)
         return 2
-    e = cfg.eval
-    cm = evaluate(
-        model,
-        stream,
-        num_classes=spec.num_classes,
-        mode=e.mode,
-        crop=e.crop,
-        stride=e.stride,
-        scales=e.scales,
-        flip=e.flip,
-        device=device,
-        progress=not args.no_progress,
-    )
+    cm = evaluate_run(model, stream, cfg, spec.num_classes, device, not args.no_progress)
     if not world.is_main:
         return 0
     step = iteration or 0
@@ -146,9 +139,9 @@ def _evaluate(args, cfg, spec, model, iteration, world, device) -> int:
         "iteration": iteration,
         "checkpoint": str(args.checkpoint),
         "split": str(split_dir),
-        "mode": e.mode,
-        "scales": list(e.scales),
-        "flip": e.flip,
+        "mode": cfg.eval.mode,
+        "scales": list(cfg.eval.scales),
+        "flip": cfg.eval.flip,
     }
     tracker = Tracker(cfg, enabled=not args.no_mlflow, kind="evaluation")
     with tracker:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -12,6 +13,9 @@ from tqdm import tqdm
 
 from cdgcnet.inference import predict_logits
 from cdgcnet.metrics import ConfusionMatrix
+
+if TYPE_CHECKING:
+    from launch.config import TrainConfig
 
 
 @torch.no_grad()
@@ -78,3 +82,27 @@ def _all_reduce(cm: ConfusionMatrix, ignore_index: int) -> ConfusionMatrix:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return ConfusionMatrix.from_tensor(t.cpu(), ignore_index=ignore_index)
+
+
+def evaluate_run(
+    model: nn.Module,
+    stream: Iterable[dict],
+    cfg: TrainConfig,
+    num_classes: int,
+    device: torch.device | str | None,
+    progress: bool,
+) -> ConfusionMatrix:
+    """evaluate() with a run config's evaluation settings (cfg.eval: mode, crop, scales...)."""
+    e = cfg.eval
+    return evaluate(
+        model,
+        stream,
+        num_classes=num_classes,
+        mode=e.mode,
+        crop=e.crop,
+        stride=e.stride,
+        scales=e.scales,
+        flip=e.flip,
+        device=device,
+        progress=progress,
+    )

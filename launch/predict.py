@@ -121,18 +121,15 @@ def output_names(images: Sequence[Path], root: Path, fmt: str) -> list[Path]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from launch.evaluate import add_model_args
+
     p = argparse.ArgumentParser(
         prog="launch/predict.py", description="Predict segmentation masks for a folder of images."
     )
-    p.add_argument("--checkpoint", required=True, help="model.pt, run dir or DeepSpeed checkpoint")
+    add_model_args(p)
     p.add_argument("--images", required=True, help="folder of .png/.jpg images (recursive)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", choices=FORMATS, default="overlay")
-    p.add_argument("--config", help="preset or .yaml/.json (default: the checkpoint's config)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.add_argument("--ms", action="store_true", help="multi-scale: 0.75 .. 2.0")
-    p.add_argument("--flip", action="store_true", help="add horizontally flipped passes")
-    p.add_argument("--sliding", action="store_true", help="sliding window (eval.crop/stride)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.split = None

@@ -304,20 +304,15 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
 
     def _evaluate(self, engine, val_stream, iteration: int, pictures: list[dict]) -> dict:
-        from launch.evaluation import evaluate
+        from launch.evaluation import evaluate_run
 
-        e = self.cfg.eval
-        cm = evaluate(
+        cm = evaluate_run(
             engine.module,
             val_stream,
-            num_classes=self.spec.num_classes,
-            mode=e.mode,
-            crop=e.crop,
-            stride=e.stride,
-            scales=e.scales,
-            flip=e.flip,
-            device=self.device,
-            progress=self.cfg.runtime.progress,
+            self.cfg,
+            self.spec.num_classes,
+            self.device,
+            self.cfg.runtime.progress,
         )
         metrics = {
             "miou": float(cm.miou()),

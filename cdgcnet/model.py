@@ -44,6 +44,7 @@ class CDGCNet(nn.Module):
                 parts=cfg.parts,
                 impl=cfg.impl,
                 checkpoint=cfg.checkpoint,
+                precision=cfg.cdgc_precision,
                 class_wise=cfg.context == "cdgc",
             )
             self.fusion = FusionHead(cfg.channels, cfg.num_classes, cfg.fusion, cfg.dropout)

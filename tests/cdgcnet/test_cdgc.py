@@ -368,7 +368,7 @@ def test_bad_inputs_are_named():
 def test_runs_under_bf16_autocast_close_to_fp32(impl):
     b, h, w, c, m = 2, 8, 8, 16, 4
     torch.manual_seed(0)
-    mod = CDGCModule(c, m, graph="ds", ratio=1.0, impl=impl).train()
+    mod = CDGCModule(c, m, graph="ds", ratio=1.0, impl=impl, precision="autocast").train()
     x = torch.randn(b, c, h, w, requires_grad=True)
     coarse = 3.0 * F.one_hot(_blob_labels(b, h, w, m), m).permute(0, 3, 1, 2).float()
     target = _blob_labels(b, h, w, m, seed=5)

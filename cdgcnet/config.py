@@ -82,7 +82,7 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.pretrained must be a path or None, got {self.pretrained!r}"
             )
-        if self.pretrained == "":
+        if self.pretrained in ("", "none"):  # `model.pretrained=none`: train from scratch
             self.pretrained = None
         _check_int(self, "aspp_channels", minimum=1)
         _check_choice(self, "context", CONTEXTS)

@@ -85,7 +85,9 @@ def test_training_refuses_shards_of_another_dataset(ade20k, tmp_path):
         f"{out}/training/manifest.json: shards of dataset 'ade20k' (150 classes), but the config "
         "trains 'cityscapes' (19 classes): dataset, class count, class names, label map differ"
     )
-    with pytest.raises(DatasetMismatch, match=r"model\.num_classes=19 but dataset 'ade20k' has 150"):
+    with pytest.raises(
+        DatasetMismatch, match=r"model\.num_classes=19 but dataset 'ade20k' has 150"
+    ):
         check_dataset(out, splits, "ade20k", 19)
 
 
@@ -134,3 +136,27 @@ def test_pack_layout_errors_come_before_ray(tmp_path, monkeypatch, capsys):
     assert started == [] and not (tmp_path / "o/train/manifest.json").exists()
     assert pack_mod.wants_ray(pack_mod.SMALL_JOB, 4, None)
     assert not pack_mod.wants_ray(10**6, 1, None) and pack_mod.wants_ray(5, 1, "ray://x")
+
+
+@pytest.mark.slow
+def test_ade20k_trains_a_few_iterations(ade20k, tmp_path):
+    """The paper-style preset with a tiny model on the generated set, as a user would run it."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    _, shards = ade20k
+    tiny = ["model.pretrained=none", "model.depth=18", "model.channels=16",
+            "model.aspp_channels=16", "model.checkpoint=false", f"data.root={shards}",
+            "data.crop_size=64", "data.batch_size=2", "data.global_batch_size=null",
+            "data.num_workers=0", "eval.crop=64", "eval.every=0", "eval.num_pictures=0",
+            "schedule.iterations=3", "checkpoint.every=0", "loss.ohem_min_kept=1000",
+            "runtime.progress=false", "logging.enabled=false"]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, str(repo / "launch/train.py"), "--config", "ade20k", *tiny,
+           "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "val mIoU: " in proc.stdout and "(iteration 3)" in proc.stdout
+    assert (tmp_path / "run/model.pt").is_file()

@@ -50,7 +50,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import webdataset as wds
 
 from .datasets import DATASETS, DatasetSpec
 from .manifest import MANIFEST_NAME, ManifestError, read_manifest, write_json_atomic, write_manifest
@@ -236,6 +235,8 @@ def pack_shard(task: ShardTask, progress: Callable[[int], None] | None = None) -
     A bad sample stops the shard (no file is left) unless task.skip_bad, in which case it is
     recorded in the result's `skipped`. A shard whose samples were all skipped writes no file.
     """
+    import webdataset as wds  # here: it imports torch, seconds that a rerun with nothing to do skips
+
     dataset = DATASETS[task.dataset]
     spec = dataset.labels
     lut = spec.lut()

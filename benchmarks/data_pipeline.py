@@ -47,8 +47,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from cdgcnet.labels import CITYSCAPES
 from pipeline import pack as pack_mod
 from pipeline import synth
+from pipeline.datasets import DATASETS
 from pipeline.reader import TrainStream
-from pipeline.sources import SOURCES
 from pipeline.sources import base as sources_base
 from pipeline.transforms import TrainAugment
 
@@ -70,7 +70,7 @@ def _pack(src: Path, out: Path, workers: int, use_ray: bool, max_count: int = MA
     """Seconds for one complete pack of the train split into a fresh folder."""
     t0 = time.perf_counter()
     m = pack_mod.pack_split(
-        SOURCES["cityscapes"], src, out, "train", max_count=max_count, workers=workers,
+        DATASETS["cityscapes"], src, out, "train", max_count=max_count, workers=workers,
         use_ray=use_ray, progress=False,
     )  # fmt: skip
     dt = time.perf_counter() - t0
@@ -84,7 +84,7 @@ def measure_packing(
     """Packing images/s per worker count (Ray path), plus the in-process path."""
     import ray
 
-    n = len(SOURCES["cityscapes"].list_split(src, "train"))
+    n = len(DATASETS["cityscapes"].source.list_split(src, "train"))
     runs = 0
 
     def fresh() -> Path:
@@ -141,7 +141,7 @@ def measure_integrity(src: Path, workdir: Path) -> dict:
     sources_base.cv2.imdecode, pack_mod.cv2.imencode = counting_decode, counting_encode
     try:
         out = workdir / "integrity"
-        m = pack_mod.pack_split(SOURCES["cityscapes"], src, out, "train", workers=1, progress=False)
+        m = pack_mod.pack_split(DATASETS["cityscapes"], src, out, "train", workers=1, progress=False)
     finally:
         sources_base.cv2.imdecode, pack_mod.cv2.imencode = real_decode, real_encode
     identical = _images_identical(src, out / "train", m)
@@ -175,7 +175,7 @@ class FileLoaderDataset(Dataset):
     """The plain loader: original files through cv2.imread, then the reader's augmentation."""
 
     def __init__(self, src: Path, split: str = "train", seed: int = 0) -> None:
-        self.samples = SOURCES["cityscapes"].list_split(src, split)
+        self.samples = DATASETS["cityscapes"].source.list_split(src, split)
         self.augment = TrainAugment(LOADER_CROP)
         self.lut = CITYSCAPES.lut()
         self.seed = seed
@@ -224,7 +224,7 @@ def measure_loader(
 ) -> dict:
     """Samples/s (total and per worker) of the shard reader and of the plain file loader."""
     m = pack_mod.pack_split(
-        SOURCES["cityscapes"], src, workdir / "shards", "train", max_count=8, progress=False
+        DATASETS["cityscapes"], src, workdir / "shards", "train", max_count=8, progress=False
     )
     split_dir = workdir / "shards" / "train"
     pngs = [p.stat().st_size for p in (src / "leftImg8bit" / "train").glob("*/*.png")]

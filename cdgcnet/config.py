@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from cdgcnet.cdgc import PRECISIONS as CDGC_PRECISIONS
+from cdgcnet.labels import CITYSCAPES, LABEL_SPECS, LabelSpec
 
 DEPTHS = (18, 34, 50, 101)
 OUTPUT_STRIDES = (8, 16)
@@ -86,7 +87,7 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.pretrained must be a path or None, got {self.pretrained!r}"
             )
-        if self.pretrained == "":
+        if self.pretrained in ("", "none"):  # `model.pretrained=none`: train from scratch
             self.pretrained = None
         _check_int(self, "aspp_channels", minimum=1)
         _check_choice(self, "context", CONTEXTS)
@@ -135,18 +136,22 @@ def _check_choice(cfg: ModelConfig, name: str, choices: tuple) -> None:
         raise ValueError(f"ModelConfig.{name} must be one of {choices}, got {value!r}")
 
 
-PRESETS = ("cityscapes", "voc", "cocostuff", "cpu_small")
+# The paper's model for each label set (num_classes from cdgcnet.labels), by dataset name or by
+# label-set name ("cocostuff" for both releases), and a small CPU model.
+_LABEL_SETS: dict[str, LabelSpec] = {
+    **LABEL_SPECS,
+    **{spec.name: spec for spec in LABEL_SPECS.values()},
+}
+PRESETS = (*sorted(_LABEL_SETS), "cpu_small")
 
 
 def model_preset(name: str) -> ModelConfig:
     """The model of one experiment preset (paper section 4.2: ResNet-101, OS 8, ASPP + CDGC)."""
-    if name == "cityscapes":
-        return ModelConfig(num_classes=19)
-    if name == "voc":
-        return ModelConfig(num_classes=21)
-    if name == "cocostuff":
-        return ModelConfig(num_classes=171)
+    if name in _LABEL_SETS:
+        return ModelConfig(num_classes=_LABEL_SETS[name].num_classes)
     if name == "cpu_small":
         # Small enough for forward/backward on a laptop CPU in well under a second per 129px image.
-        return ModelConfig(num_classes=19, depth=18, channels=64, aspp_channels=64)
+        return ModelConfig(
+            num_classes=CITYSCAPES.num_classes, depth=18, channels=64, aspp_channels=64
+        )
     raise ValueError(f"unknown model preset {name!r}; choose one of {PRESETS}")

@@ -1,8 +1,11 @@
 """Label metadata for every dataset: class names, palettes and source-id -> train-id maps.
 
-One place for it, shared by the packers (which map source ids to train ids), the model presets
-(number of classes) and the visualisations (palettes). Source ids not in a `label_map` map to the
-ignore index (255).
+This is the label part of each dataset's spec (pipeline/datasets.py holds the rest: source layout,
+generator, splits, training preset), kept here because the model must not import the pipeline.
+`LABEL_SPECS` is keyed by the same dataset names as the packer, the generator, the presets and
+the shard manifests. It is shared by the packers (which map source ids to train ids), the model
+presets (number of classes), training (which checks the shards against it) and the
+visualisations (palettes). Source ids not in a `label_map` map to the ignore index (255).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ IGNORE_INDEX = 255
 class LabelSpec:
     """Class names, palette and source-id -> train-id map of one dataset."""
 
-    name: str  # "cityscapes" | "voc" | "cocostuff"
+    name: str  # the label set: "cityscapes" | "voc" | "cocostuff" | "ade20k"
     class_names: tuple[str, ...]  # train-id order, len == num_classes
     palette: tuple[tuple[int, int, int], ...]  # RGB per train id
     label_map: dict[int, int]  # source id -> train id (ids not in it -> ignore_index)
@@ -186,8 +189,8 @@ COCOSTUFF_182_NAMES: tuple[str, ...] = (
 COCOSTUFF_UNUSED_IDS: tuple[int, ...] = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)  # 0-based
 
 
-def cocostuff_palette(n: int = 171) -> tuple[tuple[int, int, int], ...]:
-    """A fixed, well-spread palette (COCO-Stuff ships none for the 171 train ids)."""
+def spread_palette(n: int) -> tuple[tuple[int, int, int], ...]:
+    """A fixed, well-spread palette of n colours (for label sets that ship none for train ids)."""
     colors = []
     for i in range(n):
         # golden-ratio hue steps with three saturation/value bands keep neighbours distinguishable
@@ -202,20 +205,66 @@ def _cocostuff_spec() -> LabelSpec:
     return LabelSpec(
         name="cocostuff",
         class_names=tuple(COCOSTUFF_182_NAMES[i] for i in used),
-        palette=cocostuff_palette(len(used)),
+        palette=spread_palette(len(used)),
         label_map={src: dst for dst, src in enumerate(used)},  # unused ids and 255 -> ignore
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ADE20K, as the SceneParse150 benchmark (ADEChallengeData2016): annotation PNGs hold 0 for
+# "other" (ignored) and 1..150 for the classes, which become train ids 0..149.
+
+ADE20K_CLASS_NAMES: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
+    "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug",
+    "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub",
+    "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter",
+    "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs",
+    "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench",
+    "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
+    "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier", "awning",
+    "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole",
+    "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van",
+    "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool",
+    "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle",
+    "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase",
+    "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)  # fmt: skip
+
+
+def _ade20k_spec() -> LabelSpec:
+    return LabelSpec(
+        name="ade20k",
+        class_names=ADE20K_CLASS_NAMES,
+        palette=spread_palette(len(ADE20K_CLASS_NAMES)),
+        label_map={i + 1: i for i in range(len(ADE20K_CLASS_NAMES))},  # 0 ("other") -> ignore
     )
 
 
 CITYSCAPES: LabelSpec = _cityscapes_spec()
 VOC: LabelSpec = _voc_spec()
 COCOSTUFF: LabelSpec = _cocostuff_spec()
-LABEL_SPECS: dict[str, LabelSpec] = {"cityscapes": CITYSCAPES, "voc": VOC, "cocostuff": COCOSTUFF}
+ADE20K: LabelSpec = _ade20k_spec()
+
+# The label set of each dataset, by dataset name (`scenes` is a synthetic set that uses the
+# Cityscapes labels; both COCO-Stuff releases share one table).
+LABEL_SPECS: dict[str, LabelSpec] = {
+    "cityscapes": CITYSCAPES,
+    "scenes": CITYSCAPES,
+    "voc": VOC,
+    "cocostuff10k": COCOSTUFF,
+    "cocostuff164k": COCOSTUFF,
+    "ade20k": ADE20K,
+}
 
 
 def get_label_spec(name: str) -> LabelSpec:
-    """The LabelSpec called `name`, with an error listing the known names."""
+    """The label set of dataset `name`, with an error listing the known names."""
     try:
         return LABEL_SPECS[name]
     except KeyError:
-        raise KeyError(f"unknown label spec {name!r}; known: {sorted(LABEL_SPECS)}") from None
+        raise KeyError(f"unknown dataset {name!r}; known: {sorted(LABEL_SPECS)}") from None

@@ -9,6 +9,7 @@ Every field is checked in `__post_init__`, so a bad value fails where it is give
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -20,8 +21,8 @@ from typing import Any
 import yaml
 
 from cdgcnet.config import ModelConfig, model_preset
+from pipeline.datasets import DATASETS, DatasetSpec
 
-DATASETS = ("cityscapes", "voc", "cocostuff")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVAL_MODES = ("whole", "slide")
 
@@ -286,7 +287,8 @@ class TrainConfig:
     name: str = "cityscapes"
     """Preset name the config started from."""
     dataset: str = "cityscapes"
-    """Label set: "cityscapes" | "voc" | "cocostuff" (cdgcnet.labels.LABEL_SPECS)."""
+    """Dataset name (pipeline.datasets.DATASETS): its labels, and what the shards' manifest must
+    say (checked at start-up)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -299,87 +301,51 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(
-            self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}"
+            self.dataset in DATASETS,
+            f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}",
         )
 
 
 # ---------------------------------------------------------------- presets (paper section 4.2)
 
 
-def _cityscapes() -> TrainConfig:
-    model = model_preset("cityscapes").replace(checkpoint=True)
+def _paper(spec: DatasetSpec) -> TrainConfig:
+    """The published setting of a dataset: its recipe (pipeline.datasets) on the paper's model
+    (ResNet-101, OS 8, ASPP + CDGC, checkpointed) with SGD momentum 0.9 and poly power 0.9."""
+    r = spec.recipe
     return TrainConfig(
-        name="cityscapes",
-        dataset="cityscapes",
-        model=model,
+        name=spec.name,
+        dataset=spec.name,
+        model=model_preset(spec.name).replace(checkpoint=True),
         data=DataConfig(
-            root="shards/cityscapes",
-            train_split="train",
-            val_split="val",
-            crop_size=769,
-            batch_size=2,
-            global_batch_size=8,
+            root=spec.shards,
+            train_split=spec.train_split,
+            val_split=spec.val_split,
+            crop_size=r.crop_size,
+            batch_size=r.batch_size,
+            global_batch_size=r.global_batch_size,
         ),
-        optim=OptimConfig(lr=0.01, momentum=0.9, weight_decay=5e-4),
-        schedule=ScheduleConfig(iterations=30_000, power=0.9),
-        eval=EvalConfig(mode="slide", crop=769, stride=513, every=5000),
-        runtime=RuntimeConfig(run_dir="runs/cityscapes"),
-    )
-
-
-def _voc() -> TrainConfig:
-    model = model_preset("voc").replace(checkpoint=True)
-    return TrainConfig(
-        name="voc",
-        dataset="voc",
-        model=model,
-        data=DataConfig(
-            root="shards/voc",
-            train_split="train_aug",
-            val_split="val",
-            crop_size=513,
-            batch_size=4,
-            global_batch_size=16,
+        optim=OptimConfig(lr=r.lr, momentum=0.9, weight_decay=r.weight_decay),
+        schedule=ScheduleConfig(iterations=r.iterations, power=0.9),
+        eval=EvalConfig(
+            mode=r.eval_mode, crop=r.crop_size, stride=r.eval_stride, every=r.eval_every
         ),
-        optim=OptimConfig(lr=0.001, momentum=0.9, weight_decay=1e-4),
-        schedule=ScheduleConfig(iterations=30_000, power=0.9),
-        eval=EvalConfig(mode="whole", crop=513, stride=342, every=5000),
-        runtime=RuntimeConfig(run_dir="runs/voc"),
-    )
-
-
-def _cocostuff(name: str, train: str, val: str) -> TrainConfig:
-    model = model_preset("cocostuff").replace(checkpoint=True)
-    return TrainConfig(
-        name=name,
-        dataset="cocostuff",
-        model=model,
-        data=DataConfig(
-            root=f"shards/{name}",
-            train_split=train,
-            val_split=val,
-            crop_size=520,
-            batch_size=4,
-            global_batch_size=16,
-        ),
-        optim=OptimConfig(lr=0.001, momentum=0.9, weight_decay=1e-4),
-        schedule=ScheduleConfig(iterations=60_000, power=0.9),
-        eval=EvalConfig(mode="whole", crop=520, stride=347, every=10_000),
-        runtime=RuntimeConfig(run_dir=f"runs/{name}"),
+        runtime=RuntimeConfig(run_dir=f"runs/{spec.name}"),
     )
 
 
 def _scenes() -> TrainConfig:
     """The embedded default: the synthetic `scenes` set, ResNet-18, CPU, 2 ranks (make demo)."""
-    model = model_preset("cpu_small").replace(output_stride=8, dropout=0.0)
+    spec = DATASETS["scenes"]
+    model = model_preset("cpu_small").replace(num_classes=spec.num_classes, dropout=0.0)
     return TrainConfig(
-        name="scenes",
-        dataset="cityscapes",
+        name=spec.name,
+        dataset=spec.name,
         model=model,
         data=DataConfig(
-            root="shards/scenes",
-            train_split="train",
-            val_split="val",
+            root=spec.shards,
+            train_split=spec.train_split,
+            val_split=spec.val_split,
             crop_size=96,
             batch_size=4,
             global_batch_size=None,
@@ -391,15 +357,17 @@ def _scenes() -> TrainConfig:
         schedule=ScheduleConfig(iterations=200, power=0.9, warmup_iters=10),
         eval=EvalConfig(mode="whole", crop=96, stride=64, every=0, num_pictures=2),
         checkpoint=CheckpointConfig(every=100, keep=2),
-        runtime=RuntimeConfig(run_dir="runs/scenes", zero_stage=2),
+        runtime=RuntimeConfig(run_dir=f"runs/{spec.name}", zero_stage=2),
     )
 
 
+# One preset per dataset with a published recipe, and the CPU demo.
 PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
-    "cityscapes": _cityscapes,
-    "voc": _voc,
-    "cocostuff10k": lambda: _cocostuff("cocostuff10k", "train", "test"),
-    "cocostuff164k": lambda: _cocostuff("cocostuff164k", "train", "val"),
+    **{
+        name: functools.partial(_paper, spec)
+        for name, spec in DATASETS.items()
+        if spec.recipe is not None
+    },
     "scenes": _scenes,
 }
 

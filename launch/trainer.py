@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdgcnet.labels import LABEL_SPECS
 from cdgcnet.losses import CDGCLoss, validate_labels
 from cdgcnet.model import build_model, param_groups
 from launch.checkpoint import CheckpointInfo, CheckpointManager, to_universal
 from launch.config import TrainConfig, to_dict, to_yaml
 from launch.distributed import WorldInfo, convert_sync_batchnorm, device_type
 from launch.ds_config import accumulation_steps, build_ds_config
+from pipeline.manifest import check_dataset
 
 LOSS_TERMS = ("total", "coarse", "refined", "aux")
 
@@ -157,12 +157,10 @@ class Trainer:
         self.ckpts = CheckpointManager(
             self.run_dir, cfg.checkpoint.keep, cfg.runtime.crash_in_save_at
         )
-        self.spec = LABEL_SPECS[cfg.dataset]
-        if cfg.model.num_classes != self.spec.num_classes:
-            raise ValueError(
-                f"model.num_classes={cfg.model.num_classes} but dataset {cfg.dataset!r} has "
-                f"{self.spec.num_classes} classes"
-            )
+        self.spec = check_dataset(
+            cfg.data.root, (cfg.data.train_split, cfg.data.val_split), cfg.dataset,
+            cfg.model.num_classes,
+        )  # fmt: skip
         self.tracker = None
         self.nonfinite_total = 0
         self.nonfinite_run = 0

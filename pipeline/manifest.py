@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from cdgcnet.labels import LABEL_SPECS, LabelSpec
 
 MANIFEST_NAME = "manifest.json"
 
@@ -162,3 +165,49 @@ def write_manifest(split_dir: str | os.PathLike, manifest: dict) -> Path:
     validate_manifest(manifest, path)
     write_json_atomic(path, manifest)
     return path
+
+
+class DatasetMismatch(ManifestError):
+    """Shards packed for one dataset (or label table) given to a run configured for another."""
+
+
+def check_dataset(
+    root: str | os.PathLike, splits: Sequence[str], dataset: str, num_classes: int
+) -> LabelSpec:
+    """Refuse shards that are not `dataset`'s, or a class count that is not its; the labels.
+
+    For each split of the shard set `root`, compares the manifest's dataset name, class count,
+    class names and label map with the dataset's label table (cdgcnet.labels), and `num_classes`
+    (the model's) with its class count. The error is one line naming both sides.
+    """
+    if dataset not in LABEL_SPECS:
+        raise DatasetMismatch(f"unknown dataset {dataset!r}; known: {sorted(LABEL_SPECS)}")
+    spec = LABEL_SPECS[dataset]
+    if num_classes != spec.num_classes:
+        raise DatasetMismatch(
+            f"model.num_classes={num_classes} but dataset {dataset!r} has {spec.num_classes} classes"
+        )
+    for split in splits:
+        _check_manifest_labels(manifest_path(Path(root) / split), dataset, spec)
+    return spec
+
+
+def _check_manifest_labels(path: Path, dataset: str, spec: LabelSpec) -> None:
+    m = read_manifest(path)
+    label_map = {str(k): v for k, v in sorted(spec.label_map.items())}
+    differs = [
+        what
+        for what, ok in (
+            ("dataset", m["dataset"] == dataset),
+            ("class count", m["num_classes"] == spec.num_classes),
+            ("class names", m["class_names"] == list(spec.class_names)),
+            ("label map", m["label_map"] == label_map),
+            ("ignore index", m["ignore_index"] == spec.ignore_index),
+        )
+        if not ok
+    ]
+    if differs:
+        raise DatasetMismatch(
+            f"{path}: shards of dataset {m['dataset']!r} ({m['num_classes']} classes), but the "
+            f"config trains {dataset!r} ({spec.num_classes} classes): {', '.join(differs)} differ"
+        )

@@ -1,12 +1,20 @@
-"""Pack a dataset from its original layout into WebDataset tar shards, one Ray task per shard.
+"""Pack a dataset from its original layout into WebDataset tar shards, one task per shard.
 
-    python -m pipeline.pack {cityscapes,voc,cocostuff10k,cocostuff164k} --src DIR --out shards/NAME
+    python -m pipeline.pack DATASET --src DIR --out shards/DATASET
         [--splits S ...] [--max-count N | --max-size BYTES] [--workers K] [--ray-address ADDR]
-        [--skip-bad] [--name NAME] [--no-progress]
+        [--skip-bad] [--name NAME] [--max-pixels N] [--max-member-bytes N] [--no-progress]
 
-Writes ``OUT/<split>/<name>-<split>-NNNNNN.tar`` and ``OUT/<split>/manifest.json`` (schema in
-pipeline/manifest.py). ``--name`` sets the manifest's dataset field and the shard prefix
-(default: the packer name), e.g. ``--name scenes`` for the synthetic scenes in Cityscapes layout.
+DATASET is a name of pipeline.datasets.DATASETS (its layout, labels and default splits). Writes
+``OUT/<split>/<name>-<split>-NNNNNN.tar`` and ``OUT/<split>/manifest.json`` (schema in
+pipeline/manifest.py; sample format in pipeline/shards.py). ``--name`` sets the manifest's dataset
+field and the shard prefix (default: DATASET); training refuses shards whose manifest names
+another dataset than its config.
+
+Every split is listed and planned first, so a layout error stops the job before any work. Small
+jobs (under SMALL_JOB samples to pack, or --workers 1) run in this process; larger ones run one
+Ray task per shard on a private local Ray (or --ray-address). A rerun whose shards all re-hash to
+their records says "already packed and verified, skipped". The job ends with a summary of all
+splits.
 
 Guarantees:
 - image bytes are copied as in the source (never re-encoded); each image is decoded once to
@@ -20,6 +28,9 @@ Guarantees:
   sha256 re-hashes equal, and packs the rest;
 - bad input stops the job with the file and the reason (exit 1), writing no shard for it; with
   ``--skip-bad`` each bad file is reported, recorded in the manifest's ``skipped`` and counted.
+  Source files are bounded like shard members (pipeline.shards.Limits): non-regular files
+  (FIFOs, sockets, devices) are refused unopened, and sizes and pixel counts are checked before
+  reading and decoding.
 """
 
 from __future__ import annotations
@@ -39,17 +50,18 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import webdataset as wds
 
-from .manifest import MANIFEST_NAME, write_json_atomic, write_manifest
-from .sources import SOURCES, DatasetSource, SampleError, SourceError, SourceSample, load_sample
+from .datasets import DATASETS, DatasetSpec
+from .manifest import MANIFEST_NAME, ManifestError, read_manifest, write_json_atomic, write_manifest
+from .shards import DEFAULT_LIMITS, TAR_FIELDS, Limits, add_limit_args, sample_members
+from .sources import SampleError, SourceError, SourceSample, load_sample
 
 PACKER_VERSION = "pipeline.pack/1"
 DEFAULT_MAX_COUNT = 256
+# Below this many samples to pack, Ray's start-up (15-20 s) costs more than its parallelism gains.
+SMALL_JOB = 500
 RECORD_DIR = ".pack"  # per-shard completion records, for resuming
 _LABEL_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 3]
-# Fixed tar member fields: the same input gives the same bytes on any machine, any day.
-_TAR_FIELDS = {"mtime": 0, "user": "cdgcnet", "group": "cdgcnet", "mode": 0o444}
 
 
 class PackError(RuntimeError):
@@ -64,7 +76,7 @@ def shard_name(name: str, split: str, index: int) -> str:
 class ShardTask:
     """Everything one worker needs to pack one shard (pickled to Ray workers)."""
 
-    source: str  # key of SOURCES
+    dataset: str  # key of DATASETS
     name: str  # manifest dataset field / shard prefix
     split: str
     index: int
@@ -73,6 +85,7 @@ class ShardTask:
     samples: tuple[SourceSample, ...]
     skip_bad: bool
     plan_digest: str
+    limits: Limits = DEFAULT_LIMITS
 
     @property
     def shard(self) -> str:
@@ -142,10 +155,18 @@ def _stat(path: Path) -> tuple[int, int]:
 
 
 def plan_digest(
-    name: str, split: str, src: str, samples: Sequence[SourceSample], skip_bad: bool
+    name: str,
+    split: str,
+    src: str,
+    samples: Sequence[SourceSample],
+    skip_bad: bool,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> str:
     """Identifies a shard's inputs; a changed file (size or mtime) or plan means repacking."""
-    h = hashlib.sha256(f"{PACKER_VERSION}\0{name}\0{split}\0{int(skip_bad)}".encode())
+    head = f"{PACKER_VERSION}\0{name}\0{split}\0{int(skip_bad)}"
+    if limits != DEFAULT_LIMITS:  # the defaults leave digests of earlier packs valid
+        head += f"\0{limits.max_pixels}\0{limits.max_member_bytes}"
+    h = hashlib.sha256(head.encode())
     for s in samples:
         row = (s.key, _rel(s.image_path, src), _rel(s.label_path, src), s.read_label.__name__)
         h.update(repr((row, _stat(s.image_path), _stat(s.label_path))).encode())
@@ -182,15 +203,15 @@ def plan_shards(
     return shards
 
 
-def encode_sample(task: ShardTask, s: SourceSample, src: DatasetSource, lut: np.ndarray, valid):
+def encode_sample(task: ShardTask, s: SourceSample, spec: DatasetSpec, lut: np.ndarray, valid):
     """Load, validate and map one sample; return (tar sample dict, source-id pixel counts)."""
-    loaded = load_sample(s)
+    loaded = load_sample(s, task.limits)
     counts = np.bincount(loaded.source_ids.ravel(), minlength=256)  # (256,) pixels per source id
     bad = np.flatnonzero(counts * ~valid)
     if bad.size:
         raise SampleError(
             s.label_path,
-            f"label values {bad.tolist()[:10]} are outside the {src.name} label table",
+            f"label values {bad.tolist()[:10]} are outside the {spec.source.name} label table",
         )
     train_ids = lut[loaded.source_ids]  # (H, W) uint8
     ok, png = cv2.imencode(".png", train_ids, _LABEL_PNG_PARAMS)
@@ -205,13 +226,7 @@ def encode_sample(task: ShardTask, s: SourceSample, src: DatasetSource, lut: np.
         "dataset": task.name,
         "split": task.split,
     }
-    sample = {
-        "__key__": s.key,
-        loaded.image_ext: loaded.image_bytes,
-        "label.png": png.tobytes(),
-        "json": json.dumps(meta, sort_keys=True).encode(),
-    }
-    return sample, counts
+    return sample_members(s.key, loaded.image_ext, loaded.image_bytes, png.tobytes(), meta), counts
 
 
 def pack_shard(task: ShardTask, progress: Callable[[int], None] | None = None) -> ShardResult:
@@ -220,10 +235,12 @@ def pack_shard(task: ShardTask, progress: Callable[[int], None] | None = None) -
     A bad sample stops the shard (no file is left) unless task.skip_bad, in which case it is
     recorded in the result's `skipped`. A shard whose samples were all skipped writes no file.
     """
-    source = SOURCES[task.source]
-    spec = source.spec
+    import webdataset as wds  # here: it imports torch, seconds that a rerun with nothing to do skips
+
+    dataset = DATASETS[task.dataset]
+    spec = dataset.labels
     lut = spec.lut()
-    valid = source.valid_mask()
+    valid = dataset.source.valid_mask()
     out_dir = Path(task.out_dir)
     final = out_dir / task.shard
     tmp = out_dir / f".{task.shard}.tmp-{os.getpid()}"
@@ -232,10 +249,10 @@ def pack_shard(task: ShardTask, progress: Callable[[int], None] | None = None) -
     try:
         with open(tmp, "wb") as raw:
             hashed = _HashingFile(raw)
-            with wds.TarWriter(hashed, encoder=False, compress=False, **_TAR_FIELDS) as writer:
+            with wds.TarWriter(hashed, encoder=False, compress=False, **TAR_FIELDS) as writer:
                 for s in task.samples:
                     try:
-                        sample, counts = encode_sample(task, s, source, lut, valid)
+                        sample, counts = encode_sample(task, s, dataset, lut, valid)
                         result.image_decodes += 1
                     except SampleError as e:
                         if not task.skip_bad:
@@ -377,8 +394,145 @@ def _run_on_ray(tasks, workers: int, ray_address: str | None, bar) -> list[Shard
         return results
 
 
+@dataclass
+class SplitPlan:
+    """One split, listed and planned: its shard tasks and which of them a rerun can keep."""
+
+    dataset: DatasetSpec
+    name: str
+    split: str
+    out_dir: Path
+    num_samples: int
+    tasks: list[ShardTask]
+    reused: dict[int, ShardResult] = field(default_factory=dict)
+
+    @property
+    def todo(self) -> list[ShardTask]:
+        return [t for t in self.tasks if t.index not in self.reused]
+
+    @property
+    def todo_samples(self) -> int:
+        return sum(len(t.samples) for t in self.todo)
+
+
+def plan_split(
+    dataset: DatasetSpec,
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    split: str,
+    *,
+    name: str | None = None,
+    max_count: int | None = DEFAULT_MAX_COUNT,
+    max_size: int | None = None,
+    skip_bad: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
+) -> SplitPlan:
+    """List one split and plan its shards (SourceError for a bad layout), then find the shards
+    a previous run completed (re-hashing each against its record)."""
+    name = name or dataset.name
+    if "." in name or "/" in name or "-" in name:
+        raise ValueError(f"--name {name!r} may not contain '.', '/' or '-'")
+    src = str(Path(src).resolve())
+    if not Path(src).is_dir():
+        raise SourceError(src, "--src folder does not exist")
+    samples = dataset.source.list_split(Path(src), split)
+    if not samples:
+        raise SourceError(
+            src, f"split {split!r} has no samples; expected layout: {dataset.source.layout}"
+        )
+    seen: dict[str, SourceSample] = {}
+    for s in samples:
+        if s.key in seen:
+            raise SourceError(s.image_path, f"key {s.key!r} also used by {seen[s.key].image_path}")
+        seen[s.key] = s
+    out_dir = Path(out).resolve() / split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [
+        ShardTask(
+            dataset.name, name, split, i, src, str(out_dir), tuple(g), skip_bad,
+            plan_digest(name, split, src, g, skip_bad, limits), limits,
+        )
+        for i, g in enumerate(plan_shards(samples, max_count, max_size))
+    ]  # fmt: skip
+    _clean_split_dir(out_dir, name, split, {t.shard for t in tasks})
+    plan = SplitPlan(dataset, name, split, out_dir, len(samples), tasks)
+    for t in tasks:
+        r = reusable_result(t)
+        if r is not None:
+            plan.reused[t.index] = r
+    return plan
+
+
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")  # not imported: not connected (and no import cost)
+    return ray is not None and ray.is_initialized()
+
+
+def wants_ray(todo_samples: int, workers: int, ray_address: str | None) -> bool:
+    """Ray for a named cluster, or for a parallel job big enough to pay for Ray's start-up (or
+    when a session is open already)."""
+    if ray_address:
+        return True
+    return workers > 1 and todo_samples > 0 and (todo_samples >= SMALL_JOB or _ray_connected())
+
+
+def run_split(
+    plan: SplitPlan,
+    *,
+    workers: int = 1,
+    ray_address: str | None = None,
+    progress: bool = True,
+    use_ray: bool | None = None,
+) -> dict:
+    """Pack the shards `plan` still needs and write the manifest; return it.
+
+    Raises PackError for a bad sample (unless the plan skips bad samples).
+    """
+    from tqdm import tqdm
+
+    with tqdm(
+        total=plan.num_samples, unit="img", desc=f"{plan.name}/{plan.split}",
+        disable=not progress, file=sys.stderr, dynamic_ncols=True,
+    ) as bar:  # fmt: skip
+        bar.update(sum(len(r.keys) + len(r.skipped) for r in plan.reused.values()))
+        results = dict(plan.reused)
+        todo = plan.todo
+        if todo:
+            # The old manifest describes shards about to change: drop it until the new one.
+            (plan.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        if use_ray is None:
+            use_ray = wants_ray(plan.todo_samples, workers, ray_address)
+        if todo and not use_ray:
+            new = _run_in_process(todo, bar)
+        elif todo:
+            new = _run_on_ray(todo, workers, ray_address, bar)
+        else:
+            new = []
+        for r in new:
+            if r.error:
+                raise PackError(r.error)
+            results[r.index] = r
+    manifest = build_manifest(
+        plan.dataset, plan.name, plan.split, [results[t.index] for t in plan.tasks]
+    )
+    write_manifest(plan.out_dir, manifest)
+    return manifest
+
+
+def up_to_date(plan: SplitPlan) -> bool:
+    """Every shard re-hashed equal to its record and the manifest on disk is the one they make."""
+    if plan.todo:
+        return False
+    try:
+        on_disk = read_manifest(plan.out_dir)
+    except ManifestError:
+        return False
+    results = [plan.reused[t.index] for t in plan.tasks]
+    return on_disk == build_manifest(plan.dataset, plan.name, plan.split, results)
+
+
 def pack_split(
-    source: DatasetSource,
+    dataset: DatasetSpec,
     src: str | os.PathLike,
     out: str | os.PathLike,
     split: str,
@@ -391,79 +545,25 @@ def pack_split(
     skip_bad: bool = False,
     progress: bool = True,
     use_ray: bool | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> dict:
     """Pack one split into ``out/<split>/``; return the manifest written there.
 
     Raises SourceError for a bad --src and PackError for a bad sample (unless skip_bad).
     One Ray task per shard (reusing an open Ray session) when use_ray, which defaults to
-    workers > 1 or a ray_address; else in-process, shard after shard (same per-shard code).
+    `wants_ray`; else in-process, shard after shard (same per-shard code).
     """
-    from tqdm import tqdm
-
-    name = name or source.name
-    if "." in name or "/" in name or "-" in name:
-        raise ValueError(f"--name {name!r} may not contain '.', '/' or '-'")
-    src = str(Path(src).resolve())
-    if not Path(src).is_dir():
-        raise SourceError(src, "--src folder does not exist")
-    samples = source.list_split(Path(src), split)
-    if not samples:
-        raise SourceError(src, f"split {split!r} has no samples; expected layout: {source.layout}")
-    seen: dict[str, SourceSample] = {}
-    for s in samples:
-        if s.key in seen:
-            raise SourceError(s.image_path, f"key {s.key!r} also used by {seen[s.key].image_path}")
-        seen[s.key] = s
-    out_dir = Path(out).resolve() / split
-    out_dir.mkdir(parents=True, exist_ok=True)
-    groups = plan_shards(samples, max_count, max_size)
-    tasks = [
-        ShardTask(
-            source.name, name, split, i, src, str(out_dir), tuple(g), skip_bad,
-            plan_digest(name, split, src, g, skip_bad),
-        )
-        for i, g in enumerate(groups)
-    ]  # fmt: skip
-    _clean_split_dir(out_dir, name, split, {t.shard for t in tasks})
-
-    with tqdm(
-        total=len(samples), unit="img", desc=f"{name}/{split}", disable=not progress,
-        file=sys.stderr, dynamic_ncols=True,
-    ) as bar:  # fmt: skip
-        results: dict[int, ShardResult] = {}
-        todo = []
-        for t in tasks:
-            r = reusable_result(t)
-            if r is None:
-                todo.append(t)
-            else:
-                results[t.index] = r
-                bar.update(len(r.keys) + len(r.skipped))
-        if todo:
-            # The old manifest describes shards about to change: drop it until the new one.
-            (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-        if use_ray is None:
-            use_ray = workers > 1 or bool(ray_address)
-        if todo and not use_ray:
-            new = _run_in_process(todo, bar)
-        elif todo:
-            new = _run_on_ray(todo, workers, ray_address, bar)
-        else:
-            new = []
-        for r in new:
-            if r.error:
-                raise PackError(r.error)
-            results[r.index] = r
-    ordered = [results[t.index] for t in tasks]
-    manifest = build_manifest(source, name, split, ordered)
-    write_manifest(out_dir, manifest)
-    return manifest
+    plan = plan_split(
+        dataset, src, out, split, name=name, max_count=max_count, max_size=max_size,
+        skip_bad=skip_bad, limits=limits,
+    )  # fmt: skip
+    return run_split(
+        plan, workers=workers, ray_address=ray_address, progress=progress, use_ray=use_ray
+    )
 
 
-def build_manifest(
-    source: DatasetSource, name: str, split: str, results: list[ShardResult]
-) -> dict:
-    spec = source.spec
+def build_manifest(dataset: DatasetSpec, name: str, split: str, results: list[ShardResult]) -> dict:
+    spec = dataset.labels
     hist = np.zeros(spec.num_classes, dtype=np.int64)
     for r in results:
         hist += np.asarray(r.class_histogram, dtype=np.int64)
@@ -492,8 +592,8 @@ def build_manifest(
 
 def build_parser() -> argparse.ArgumentParser:
     splits = "\n".join(
-        f"  {name:<14} {' '.join(src.splits)} (known: {' '.join(src.known_splits)})"
-        for name, src in sorted(SOURCES.items())
+        f"  {name:<14} {' '.join(d.splits)} (known: {' '.join(d.source.known_splits)})"
+        for name, d in sorted(DATASETS.items())
     )
     p = argparse.ArgumentParser(
         prog="python -m pipeline.pack",
@@ -504,15 +604,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 writes <out>/<split>/<name>-<split>-NNNNNN.tar and <out>/<split>/manifest.json; a rerun
 skips shards that are complete and verify; a bad file stops the job naming the file and
-the reason, unless --skip-bad (then it is recorded in the manifest).
+the reason, unless --skip-bad (then it is recorded in the manifest). Jobs under {SMALL_JOB}
+samples, or with --workers 1, run in this process; larger ones on a private local Ray.
 
 examples:
   python -m pipeline.pack cityscapes --src /data/cityscapes --out shards/cityscapes
   python -m pipeline.pack voc --src /data/voc --out shards/voc --workers 8
-  python -m pipeline.pack cityscapes --src data/scenes --out shards/scenes --name scenes
+  python -m pipeline.pack ade20k --src /data/ADEChallengeData2016 --out shards/ade20k
+  python -m pipeline.pack scenes --src data/scenes --out shards/scenes
   python -m pipeline.verify shards/cityscapes""",
     )
-    p.add_argument("dataset", choices=sorted(SOURCES), help="the source layout to read")
+    p.add_argument("dataset", choices=sorted(DATASETS), help="the dataset (its layout and labels)")
     p.add_argument("--src", required=True, help="dataset root in its original layout")
     p.add_argument("--out", required=True, help="output folder, e.g. shards/cityscapes")
     p.add_argument("--splits", nargs="+", help="splits to pack (default: the dataset's usual ones)")
@@ -521,25 +623,34 @@ examples:
         "--max-count", type=int, help=f"samples per shard (default {DEFAULT_MAX_COUNT})"
     )
     size.add_argument("--max-size", type=int, help="approximate bytes per shard")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Ray tasks in parallel")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1,
+        help=f"shards packed in parallel on Ray (jobs under {SMALL_JOB} samples run in-process)",
+    )  # fmt: skip
     p.add_argument("--ray-address", help="an existing Ray cluster (paths must be shared)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad files, recording them")
     p.add_argument("--name", help="dataset name in the manifest and shard names (default: dataset)")
+    add_limit_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    source = SOURCES[args.dataset]
-    splits = args.splits or list(source.splits)
+    dataset = DATASETS[args.dataset]
+    splits = args.splits or list(dataset.splits)
     for split in splits:
-        if split not in source.known_splits:
-            print(f"error: unknown {args.dataset} split {split!r}; known: {source.known_splits}",
-                  file=sys.stderr)  # fmt: skip
+        if split not in dataset.source.known_splits:
+            print(f"error: unknown {args.dataset} split {split!r}; known: "
+                  f"{dataset.source.known_splits}", file=sys.stderr)  # fmt: skip
             return 2
     if args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    try:
+        limits = Limits(args.max_pixels, args.max_member_bytes)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     max_count = args.max_count if args.max_size is None else None
     if max_count is None and args.max_size is None:
@@ -547,36 +658,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.src).is_dir():
         print(f"error: {args.src}: --src folder does not exist", file=sys.stderr)
         return 1
-    use_ray = args.workers > 1 or bool(args.ray_address)
+    plans = []
+    for split in splits:  # every layout problem shows before any packing or Ray start-up
+        try:
+            plans.append(plan_split(
+                dataset, args.src, args.out, split, name=args.name, max_count=max_count,
+                max_size=args.max_size, skip_bad=args.skip_bad, limits=limits,
+            ))  # fmt: skip
+        except (SourceError, ValueError) as e:
+            print(f"error: {args.dataset} {split}: {e}", file=sys.stderr)
+            return 1
+    todo = sum(p.todo_samples for p in plans)
+    use_ray = wants_ray(todo, args.workers, args.ray_address)
     try:
         with ray_session(args.workers, args.ray_address) if use_ray else contextlib.nullcontext():
-            return _pack_splits(args, source, splits, max_count)
+            return _pack_splits(args, plans, use_ray)
     except PackError as e:  # the Ray cluster could not be reached
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
-def _pack_splits(args: argparse.Namespace, source: DatasetSource, splits, max_count) -> int:
-    for split in splits:
+def _pack_splits(args: argparse.Namespace, plans: list[SplitPlan], use_ray: bool) -> int:
+    summary = []
+    for plan in plans:
         t0 = time.perf_counter()
+        if up_to_date(plan):
+            m = read_manifest(plan.out_dir)
+            summary.append(_summary_line(plan, m, "already packed and verified, skipped", t0))
+            print(summary[-1])
+            continue
+        reused = len(plan.reused)
         try:
-            m = pack_split(
-                source, args.src, args.out, split, name=args.name, max_count=max_count,
-                max_size=args.max_size, workers=args.workers, ray_address=args.ray_address,
-                skip_bad=args.skip_bad, progress=not args.no_progress,
+            m = run_split(
+                plan, workers=args.workers, ray_address=args.ray_address,
+                progress=not args.no_progress, use_ray=use_ray,
             )  # fmt: skip
         except (SourceError, PackError, ValueError) as e:
-            print(f"error: {args.dataset} {split}: {e}", file=sys.stderr)
+            print(f"error: {args.dataset} {plan.split}: {e}", file=sys.stderr)
             return 1
-        dt = time.perf_counter() - t0
         for s in m["skipped"]:
             print(f"skipped: {s['file']}: {s['reason']}", file=sys.stderr)
         if m["skipped"]:
-            print(f"{split}: skipped {len(m['skipped'])} bad file(s), recorded in the manifest",
-                  file=sys.stderr)  # fmt: skip
-        print(f"{split}: {m['num_samples']} samples in {len(m['shards'])} shards -> "
-              f"{Path(args.out) / split} ({dt:.1f} s)")  # fmt: skip
+            print(f"{plan.split}: skipped {len(m['skipped'])} bad file(s), recorded in the "
+                  "manifest", file=sys.stderr)  # fmt: skip
+        where = "on Ray" if use_ray else "in-process"
+        done = f"packed {len(plan.tasks) - reused} shard(s) {where}, kept {reused}"
+        summary.append(_summary_line(plan, m, done, t0))
+        print(summary[-1])
+    print(f"summary ({args.dataset} -> {Path(args.out)}):")
+    for line in summary:
+        print(f"  {line}")
     return 0
+
+
+def _summary_line(plan: SplitPlan, m: dict, what: str, t0: float) -> str:
+    skipped = f", {len(m['skipped'])} bad file(s) skipped (in the manifest)" if m["skipped"] else ""
+    return (
+        f"{plan.split}: {m['num_samples']} samples in {len(m['shards'])} shards{skipped}; "
+        f"{what} ({time.perf_counter() - t0:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

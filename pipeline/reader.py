@@ -31,13 +31,16 @@ shards but only extracts its own members.
 Corrupt shards. A tar that cannot be read, a sample missing a member, a sample whose image or
 label does not decode, or a shard that ends before all its manifest keys were seen raises
 ShardError naming the shard (on_corrupt="raise"), or is skipped and counted in ``.skipped``
-(samples not delivered) with reasons in ``.skip_log`` (on_corrupt="skip"). Checksums are
-pipeline.verify's job, not the reader's.
+(samples not delivered), each skip logged as a warning with its reason and the first reasons kept
+in ``.skip_log`` (on_corrupt="skip"). Checksums are pipeline.verify's job, not the reader's.
+The tar parsing, the sample schema and the size limits (pixels per image, bytes per member,
+checked from headers before anything is decoded) are pipeline.shards'.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,29 +52,26 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from pipeline import manifest as _manifest
+from pipeline import shards
+from pipeline.shards import DEFAULT_LIMITS, LABEL_FIELD, Limits, ShardError
 from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment, as_hw, normalize
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "EvalStream",
+    "Limits",
     "ShardError",
     "TrainStream",
     "decode_sample",
     "read_manifest",
 ]
 
-IMAGE_FIELDS = ("png", "jpg", "jpeg")
-LABEL_FIELD = "label.png"
 _ON_CORRUPT = ("raise", "skip")
-_MAX_SKIP_LOG = 100  # reasons kept; the count is always complete
-
-
-class ShardError(RuntimeError):
-    """A shard (or one of its samples) cannot be read; the message names the shard."""
+_MAX_SKIP_LOG = 100  # reasons kept in .skip_log; every skip is logged and counted
+_log = logging.getLogger(__name__)
 
 
 def read_manifest(split_dir: str | os.PathLike) -> dict:
@@ -110,13 +110,20 @@ class _SkipLog:
 
     def add(self, n: int, reason: str) -> None:
         self.count += n
-        if len(self.reasons) < _MAX_SKIP_LOG:
-            self.reasons.append(reason)
+        # emptied with each batch/sample shipped, so every reason reaches the main process
+        self.reasons.append(reason if n == 1 else f"{n} samples lost: {reason}")
 
     def pop(self) -> tuple[int, list[str]]:
         out = (self.count, self.reasons)
         self.count, self.reasons = 0, []
         return out
+
+
+def _note_skips(skip_log: list[str], reasons: Sequence[str]) -> None:
+    """Log every skipped sample with its reason; keep the first ones in `skip_log`."""
+    for reason in reasons:
+        _log.warning("skipped: %s", reason)
+    skip_log.extend(reasons[: max(0, _MAX_SKIP_LOG - len(skip_log))])
 
 
 def _check_on_corrupt(on_corrupt: str) -> None:
@@ -125,11 +132,11 @@ def _check_on_corrupt(on_corrupt: str) -> None:
 
 
 def _read_shard(
-    shard: _ShardInfo, wanted: set[str] | None, on_corrupt: str, log: _SkipLog
+    shard: _ShardInfo, wanted: set[str] | None, on_corrupt: str, log: _SkipLog, limits: Limits
 ) -> Iterator[dict]:
     """Yield raw samples {"__key__", "__shard__", "<field>": bytes} of one shard, in tar order.
 
-    Only the members of ``wanted`` keys (all keys when None) are extracted. The shard must hold
+    Only the members of ``wanted`` keys (all keys when None) are read. The shard must hold
     exactly the manifest's keys; anything else is a ShardError naming the shard.
     """
     expected = set(shard.keys)
@@ -138,31 +145,18 @@ def _read_shard(
     strangers: list[str] = []
     delivered = 0
 
-    def select(fname: str) -> bool:
-        key, _ = base_plus_ext(fname)
-        if key not in expected:
-            strangers.append(fname)
-            return False
-        seen.add(key)
-        return key in want
+    def note(key: str) -> None:
+        if key in expected:
+            seen.add(key)
+        else:
+            strangers.append(key)
 
     try:
-        with open(shard.path, "rb") as f:
-            current: dict | None = None
-            for member in tar_file_iterator(f, select_files=select):
-                key, suffix = base_plus_ext(member["fname"])
-                if current is not None and key != current["__key__"]:
-                    yield _complete(current)
-                    delivered += 1
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__shard__": shard.path}
-                suffix = suffix.lower()
-                if suffix in current:
-                    raise ShardError(f"{shard.path}: sample {key} has two {suffix!r} members")
-                current[suffix] = member["data"]
-            if current is not None:
-                yield _complete(current)
+        for sample in shards.iter_samples(
+            shard.path, limits=limits, keep=lambda key, _: key in want, on_member=note
+        ):
+            if sample["__key__"] in want:
+                yield sample
                 delivered += 1
         if strangers:
             raise ShardError(
@@ -188,16 +182,6 @@ def _read_shard(
         log.add(max(len(want) - delivered, 0), reason)
 
 
-def _complete(sample: dict) -> dict:
-    key = sample["__key__"]
-    if not any(f in sample for f in IMAGE_FIELDS) or LABEL_FIELD not in sample:
-        have = sorted(k for k in sample if not k.startswith("__"))
-        raise ShardError(
-            f"{sample['__shard__']}: sample {key} lacks its image or {LABEL_FIELD} (has {have})"
-        )
-    return sample
-
-
 def _imdecode(data: bytes, flags: int) -> np.ndarray | None:
     try:
         return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
@@ -205,16 +189,16 @@ def _imdecode(data: bytes, flags: int) -> np.ndarray | None:
         return None
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
+def decode_sample(sample: dict, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray, np.ndarray]:
     """Raw shard sample -> (image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids).
 
-    Raises ShardError naming the shard and the key when either does not decode or they differ
-    in size.
+    Raises ShardError naming the shard and the key when a member is missing, an image header
+    declares more than ``limits.max_pixels`` (checked before decoding), either does not decode,
+    or they differ in size.
     """
     where = f"{sample.get('__shard__', '?')}: sample {sample.get('__key__', '?')}"
-    field_ = next((f for f in IMAGE_FIELDS if f in sample), None)
-    if field_ is None or LABEL_FIELD not in sample:
-        raise ShardError(f"{where} lacks its image or {LABEL_FIELD}")
+    shards.check_sample(sample, limits)
+    field_ = shards.image_field(sample)
     image = _imdecode(sample[field_], cv2.IMREAD_COLOR_RGB)
     if image is None:
         raise ShardError(f"{where}: image .{field_} does not decode")
@@ -231,11 +215,11 @@ def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _decode_or_skip(
-    sample: dict, on_corrupt: str, log: _SkipLog
+    sample: dict, on_corrupt: str, log: _SkipLog, limits: Limits
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """decode_sample, or None (counted in `log`) for a corrupt sample when skipping."""
     try:
-        return decode_sample(sample)
+        return decode_sample(sample, limits)
     except ShardError as exn:
         if on_corrupt == "raise":
             raise
@@ -282,7 +266,7 @@ class _TrainWorkerStream(IterableDataset):
         self.augment = stream.augment
         self.batch_size = stream.batch_size
         self.shuffle_buffer = stream.shuffle_buffer
-        self.on_corrupt = stream.on_corrupt
+        self.on_corrupt, self.limits = stream.on_corrupt, stream.limits
         self.seed, self.rank, self.epoch = stream.seed, stream.rank, epoch
         self.start_step = start_step
 
@@ -305,7 +289,7 @@ class _TrainWorkerStream(IterableDataset):
             for item in src:
                 got = False
                 for sample in _read_shard(
-                    self.shards[int(item["url"])], None, self.on_corrupt, log
+                    self.shards[int(item["url"])], None, self.on_corrupt, log, self.limits
                 ):
                     got = True
                     yield sample
@@ -342,7 +326,7 @@ class _TrainWorkerStream(IterableDataset):
         for sample in samples:
             rng = np.random.default_rng([self.seed, self.rank, worker, self.epoch, position])
             position += 1
-            decoded = _decode_or_skip(sample, self.on_corrupt, log)
+            decoded = _decode_or_skip(sample, self.on_corrupt, log, self.limits)
             if decoded is None:
                 continue
             image, label = self.augment(*decoded, rng)
@@ -383,6 +367,7 @@ class TrainStream:
         shuffle_buffer: int = 128,
         on_corrupt: str = "raise",
         pin_memory: bool = False,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         _check_on_corrupt(on_corrupt)
         for name, v, low in (
@@ -402,6 +387,7 @@ class TrainStream:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, int(seed), shuffle_buffer
         self.on_corrupt, self.pin_memory = on_corrupt, bool(pin_memory)
+        self.limits = limits
         self.augment = TrainAugment(as_hw(crop_size), tuple(scale_range), flip, jitter)
         if batches_per_epoch is None:
             # about one pass over the split per epoch across all ranks
@@ -437,7 +423,7 @@ class TrainStream:
 
     def _count_skips(self, n: int, reasons: Sequence[str]) -> None:
         self.skipped += int(n)
-        self.skip_log.extend(reasons[: max(0, _MAX_SKIP_LOG - len(self.skip_log))])
+        _note_skips(self.skip_log, reasons)
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -503,10 +489,10 @@ def _rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 class _EvalWorkerStream(IterableDataset):
-    def __init__(self, items: list[tuple[_ShardInfo, str]], on_corrupt: str) -> None:
+    def __init__(self, items: list[tuple[_ShardInfo, str]], on_corrupt: str, limits: Limits):
         super().__init__()
         self.items = items
-        self.on_corrupt = on_corrupt
+        self.on_corrupt, self.limits = on_corrupt, limits
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker()
@@ -516,8 +502,8 @@ class _EvalWorkerStream(IterableDataset):
         for shard, key in mine:  # insertion order = the manifest's shard order
             by_shard.setdefault(shard.path, (shard, set()))[1].add(key)
         for shard, wanted in by_shard.values():
-            for sample in _read_shard(shard, wanted, self.on_corrupt, log):
-                decoded = _decode_or_skip(sample, self.on_corrupt, log)
+            for sample in _read_shard(shard, wanted, self.on_corrupt, log, self.limits):
+                decoded = _decode_or_skip(sample, self.on_corrupt, log, self.limits)
                 if decoded is None:
                     continue
                 image, label = decoded
@@ -551,6 +537,7 @@ class EvalStream:
         world_size: int = 1,
         num_workers: int = 0,
         on_corrupt: str = "raise",
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         _check_on_corrupt(on_corrupt)
         if not isinstance(world_size, int) or world_size < 1:
@@ -566,7 +553,7 @@ class EvalStream:
         self._items = items[lo:hi]
         self.keys: list[str] = [k for _, k in self._items]
         self.rank, self.world_size = rank, world_size
-        self.num_workers, self.on_corrupt = num_workers, on_corrupt
+        self.num_workers, self.on_corrupt, self.limits = num_workers, on_corrupt, limits
         self.skipped = 0
         self.skip_log: list[str] = []
 
@@ -578,10 +565,10 @@ class EvalStream:
         if not self._items:
             return
         workers = min(self.num_workers, len(self._items))
-        for out in _loader(_EvalWorkerStream(self._items, self.on_corrupt), workers):
+        stream = _EvalWorkerStream(self._items, self.on_corrupt, self.limits)
+        for out in _loader(stream, workers):
             self.skipped += int(out.pop("_skipped"))
-            reasons = out.pop("_reasons")
-            self.skip_log.extend(reasons[: max(0, _MAX_SKIP_LOG - len(self.skip_log))])
+            _note_skips(self.skip_log, out.pop("_reasons"))
             if out["key"] is None:
                 continue
             if isinstance(out["image_uint8"], torch.Tensor):

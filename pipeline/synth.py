@@ -2,7 +2,7 @@
 
 No dataset can be downloaded in tests or on a laptop, so these write look-alikes that exercise the
 real packers: Cityscapes (gtFine), PASCAL VOC 2012 + SBD, COCO-Stuff 10k (.mat) and 164k (PNG),
-and `scenes`, a learnable street-scene task in Cityscapes layout that the demo trains on.
+ADE20K (SceneParse150), and `scenes`, a learnable street-scene task in Cityscapes layout that the demo trains on.
 
     python -m pipeline.synth cityscapes --out data/cityscapes --train 8 --val 4
     python -m pipeline.synth scenes --out data/scenes              # 200 train / 40 val
@@ -35,6 +35,7 @@ import scipy.sparse
 from tqdm import tqdm
 
 from cdgcnet.labels import (
+    ADE20K_CLASS_NAMES,
     CITYSCAPES_LABELS,
     CITYSCAPES_NAME_TO_LABEL,
     COCOSTUFF_182_NAMES,
@@ -44,7 +45,7 @@ from cdgcnet.labels import (
 
 GENERATOR_VERSION = "1"
 INFO_FILE = "SYNTH_INFO.json"
-DATASETS = ("cityscapes", "voc", "cocostuff10k", "cocostuff164k", "scenes")
+DATASETS = ("cityscapes", "voc", "cocostuff10k", "cocostuff164k", "scenes", "ade20k")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ DEFAULTS: dict[str, Defaults] = {
     "cocostuff10k": Defaults(train=6, val=4, size=(160, 120)),
     "cocostuff164k": Defaults(train=6, val=4, size=(160, 120)),
     "scenes": Defaults(train=200, val=40, size=(256, 128)),
+    "ade20k": Defaults(train=6, val=4, size=(160, 120)),
 }
 
 
@@ -674,6 +676,56 @@ def _coco10k_sample(root: Path, split: str, index: int, seed: int, size: tuple[i
 
 
 # ---------------------------------------------------------------------------------------------
+# ADE20K, the SceneParse150 release: ADEChallengeData2016/{images,annotations}/{training,validation}
+# with ADE_{train,val}_%08d.{jpg,png} (ids 0 = other, 1..150), objectInfo150.csv and
+# sceneCategories.txt at the root.
+
+ADE20K_ROOT = "ADEChallengeData2016"
+ADE20K_SPLITS = {"train": "training", "val": "validation"}
+_ADE_COLORS = np.array(
+    [[(i * 53) % 200 + 30, (i * 97) % 200 + 30, (i * 151) % 200 + 30] for i in range(151)], np.int32
+)
+
+
+def ade20k_stem(split: str, index: int) -> str:
+    """ADE_train_00000001 (1-based, as released) for train/val index 0."""
+    return f"ADE_{split}_{index + 1:08d}"
+
+
+def _ade20k_label(rng: np.random.Generator, w: int, h: int, index: int) -> np.ndarray:
+    """(H, W) int32 ids: a background class, objects, and an unlabeled ("other", 0) stroke."""
+    n = len(ADE20K_CLASS_NAMES)
+    classes = [1 + (index * 11 + k) % n for k in range(6)]  # cycles through all 150 ids
+    label = _blob_label_map(rng, w, h, classes[0], classes[1:], 3)
+    x = int(rng.integers(0, w))
+    label[: h // 2, max(0, x - 1) : x + 2] = 0
+    return label
+
+
+def _ade20k_sample(root: Path, split: str, index: int, seed: int, size: tuple[int, int]) -> None:
+    rng = _rng(seed, split, index)
+    w, h = _image_size(rng, size)
+    label = _ade20k_label(rng, w, h, index)
+    image = _render_from_colors(rng, label, _ADE_COLORS)
+    stem, folder = ade20k_stem(split, index), ADE20K_SPLITS[split]
+    write_jpg(root / ADE20K_ROOT / "images" / folder / f"{stem}.jpg", image)
+    write_png(root / ADE20K_ROOT / "annotations" / folder / f"{stem}.png", label.astype(np.uint8))
+
+
+def _ade20k_index_files(root: Path, n_train: int, n_val: int) -> None:
+    rows = [f"{i + 1},0.0,0,0,{name}" for i, name in enumerate(ADE20K_CLASS_NAMES)]
+    _write_bytes(
+        root / ADE20K_ROOT / "objectInfo150.csv",
+        ("Idx,Ratio,Train,Val,Name\n" + "".join(f"{r}\n" for r in rows)).encode(),
+    )
+    stems = [ade20k_stem("train", i) for i in range(n_train)]
+    stems += [ade20k_stem("val", i) for i in range(n_val)]
+    _write_bytes(
+        root / ADE20K_ROOT / "sceneCategories.txt", "".join(f"{s} street\n" for s in stems).encode()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Driver.
 
 
@@ -737,6 +789,14 @@ def _plan(
             for i in range(n)
         ]
         return tasks, {"train": n_train, "test": n_val}
+    if dataset == "ade20k":
+        _ade20k_index_files(root, n_train, n_val)
+        tasks = [
+            (_ade20k_sample, (root, s, i, seed, size))
+            for s, n in (("train", n_train), ("val", n_val))
+            for i in range(n)
+        ]
+        return tasks, dict(zip(ADE20K_SPLITS.values(), (n_train, n_val), strict=True))
     if dataset == "cocostuff164k":
         tasks = [
             (_coco164k_sample, (root, s, i, seed, size))
@@ -848,7 +908,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "imageLists/{train,test,all}.txt. cocostuff164k: images/{train,val}2017/*.jpg + "
             "stuffthingmaps/{train,val}2017/*.png (0-based ids, 255 unlabeled). scenes: a "
             "learnable street-scene task in Cityscapes layout (road, sidewalk, building, pole, "
-            "vegetation, sky, person, car). Output is byte-identical for the same arguments."
+            "vegetation, sky, person, car). ade20k: ADEChallengeData2016/images/{training,validation}/"
+            "*.jpg + annotations/{training,validation}/*.png (0 = other, 1..150), objectInfo150.csv, "
+            "sceneCategories.txt. Output is byte-identical for the same arguments."
         ),
         epilog=f"Defaults: {defaults}.",
     )

@@ -5,7 +5,9 @@
 For every split folder (one holding manifest.json; the path may also be a split folder itself):
 re-hash each shard and compare size and sha256 with the manifest, read it as a tar and check that
 it holds exactly the manifest's keys, in order, each with an image, a label and JSON metadata.
-With --decode also decode every label and check its values (train ids or ignore).
+Every member's size and every image's header are checked against the sample limits
+(pipeline.shards.Limits; --max-pixels, --max-member-bytes). With --decode also decode every label
+and check its values (train ids or ignore).
 Exits 1 naming each bad shard, 2 when a manifest itself is missing or invalid, 0 when all is well.
 """
 
@@ -22,10 +24,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import shards
 from .manifest import MANIFEST_NAME, ManifestError, read_manifest
 from .pack import sha256_file
-
-IMAGE_EXTS = ("jpg", "png")
+from .shards import DEFAULT_LIMITS, LABEL_FIELD, META_FIELD, Limits, ShardError, add_limit_args
 
 
 @dataclass
@@ -53,62 +55,66 @@ def split_dirs(root: str | Path) -> list[Path]:
     return found
 
 
-def _check_members(path: Path, keys: list[str], num_classes: int, ignore: int, decode: bool):
-    """Problems found reading one shard as a tar (empty list when it is sound)."""
-    samples: dict[str, dict[str, bytes]] = {}
+def _check_members(
+    path: Path, keys: list[str], num_classes: int, ignore: int, decode: bool, limits: Limits
+) -> list[str]:
+    """Problems found reading one shard with the training reader's tar parser (empty: sound).
+
+    Every sample's members and image headers are checked against the schema and the limits;
+    with `decode`, labels are decoded and checked too.
+    """
     order: list[str] = []
+    problems: list[str] = []
     try:
-        with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    return [f"member {m.name!r} is not a regular file"]
-                key, _, ext = m.name.partition(".")
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                f = tar.extractfile(m)
-                samples[key][ext] = f.read() if decode and ext in ("label.png", "json") else b""
+        for sample in shards.iter_samples(str(path), limits=limits):
+            key = sample["__key__"]
+            order.append(key)
+            try:
+                shards.check_sample(sample, limits)
+            except ShardError as e:
+                problems.append(str(e).removeprefix(f"{path}: "))
+                continue
+            if decode:
+                problems += _check_label(key, sample, num_classes, ignore)
+    except ShardError as e:
+        return [*problems, str(e).removeprefix(f"{path}: ")]
     except (tarfile.TarError, OSError, EOFError) as e:
-        return [f"not a readable tar: {e}"]
-    problems = []
+        return [*problems, f"not a readable tar: {e}"]
     if order != keys:
         missing = sorted(set(keys) - set(order))[:5]
         extra = sorted(set(order) - set(keys))[:5]
-        problems.append(
+        problems.insert(
+            0,
             f"keys differ from the manifest ({len(order)} in tar, {len(keys)} listed; "
             f"missing {missing}, unexpected {extra})"
             if set(order) != set(keys)
-            else "keys are in another order than the manifest"
+            else "keys are in another order than the manifest",
         )
-    for key in order:
-        fields = samples[key]
-        images = [e for e in IMAGE_EXTS if e in fields]
-        if len(images) != 1 or "label.png" not in fields or "json" not in fields:
-            problems.append(
-                f"sample {key!r} has members {sorted(fields)}, expected image + label.png + json"
-            )
-            continue
-        if decode:
-            problems += _check_label(key, fields, num_classes, ignore)
     return problems
 
 
-def _check_label(key: str, fields: dict[str, bytes], num_classes: int, ignore: int) -> list[str]:
-    label = cv2.imdecode(np.frombuffer(fields["label.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+def _check_label(key: str, sample: dict, num_classes: int, ignore: int) -> list[str]:
+    label = cv2.imdecode(np.frombuffer(sample[LABEL_FIELD], np.uint8), cv2.IMREAD_UNCHANGED)
     if label is None or label.ndim != 2 or label.dtype != np.uint8:
-        return [f"sample {key!r}: label.png is not a single-channel 8-bit PNG"]
+        return [f"sample {key!r}: {LABEL_FIELD} is not a single-channel 8-bit PNG"]
     values = np.unique(label)
     bad = values[(values >= num_classes) & (values != ignore)]
     if bad.size:
         return [f"sample {key!r}: label values {bad.tolist()[:10]} are not train ids"]
-    meta = json.loads(fields["json"])
-    if (meta.get("height"), meta.get("width")) != label.shape:
-        return [f"sample {key!r}: json size {meta.get('height')}x{meta.get('width')} != label"]
+    try:
+        meta = json.loads(sample[META_FIELD])
+    except ValueError as e:
+        return [f"sample {key!r}: {META_FIELD} is not valid JSON ({e})"]
+    if not isinstance(meta, dict) or (meta.get("height"), meta.get("width")) != label.shape:
+        return [f"sample {key!r}: json size does not match the {label.shape} label"]
     return []
 
 
-def verify_split(split_dir: str | Path, decode: bool = False) -> SplitReport:
-    """Check every shard of one split against its manifest."""
+def verify_split(
+    split_dir: str | Path, decode: bool = False, limits: Limits | None = None
+) -> SplitReport:
+    """Check every shard of one split against its manifest (and the sample limits)."""
+    limits = limits or DEFAULT_LIMITS
     split_dir = Path(split_dir)
     m = read_manifest(split_dir)
     report = SplitReport(split_dir, num_shards=len(m["shards"]))
@@ -126,7 +132,8 @@ def verify_split(split_dir: str | Path, decode: bool = False) -> SplitReport:
         if sha256_file(path) != s["sha256"]:
             report.problems.append(f"{path}: sha256 differs from the manifest (corrupt shard)")
             continue
-        for p in _check_members(path, s["keys"], m["num_classes"], m["ignore_index"], decode):
+        checks = (s["keys"], m["num_classes"], m["ignore_index"], decode, limits)
+        for p in _check_members(path, *checks):
             report.problems.append(f"{path}: {p}")
         report.num_samples += s["num_samples"]
     for extra in sorted(split_dir.glob("*.tar")):
@@ -141,12 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("paths", nargs="+", help="shards/<name> or shards/<name>/<split>")
     p.add_argument("--decode", action="store_true", help="also decode and check every label")
+    add_limit_args(p)
     args = p.parse_args(argv)
+    try:
+        limits = Limits(args.max_pixels, args.max_member_bytes)
+    except ValueError as e:
+        p.error(str(e))
     bad = 0
     for root in args.paths:
         try:
             dirs = split_dirs(root)
-            reports = [verify_split(d, decode=args.decode) for d in dirs]
+            reports = [verify_split(d, decode=args.decode, limits=limits) for d in dirs]
         except ManifestError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -1,4 +1,5 @@
-"""Per-dataset readers of the original layouts (see each module for its layout)."""
+"""Readers of the original layouts (see each module for its layout); which dataset uses which
+layout is stated in pipeline.datasets."""
 
 from __future__ import annotations
 
@@ -10,16 +11,8 @@ from .base import (
     SourceSample,
     load_sample,
 )
-from .cityscapes import CITYSCAPES_SOURCE
-from .cocostuff import COCOSTUFF10K_SOURCE, COCOSTUFF164K_SOURCE
-from .voc import VOC_SOURCE
-
-SOURCES: dict[str, DatasetSource] = {
-    s.name: s for s in (CITYSCAPES_SOURCE, VOC_SOURCE, COCOSTUFF10K_SOURCE, COCOSTUFF164K_SOURCE)
-}
 
 __all__ = [
-    "SOURCES",
     "DatasetSource",
     "LoadedSample",
     "SampleError",

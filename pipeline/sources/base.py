@@ -3,20 +3,30 @@
 A reader lists a split as `SourceSample`s in a deterministic order; `load_sample` then reads
 one sample, decodes the image once (to validate it and learn its size), reads the label in the
 dataset's source-id space and checks it. Every problem is a `SampleError` naming the file.
+
+Source trees are untrusted too: a file must be a regular file (a FIFO, socket or device named
+like an image is refused from its `stat`, never opened, so it cannot hang the packer), no larger
+than `Limits.max_member_bytes`, and an image or PNG label may not declare more than
+`Limits.max_pixels` in its header (checked before decoding). libjpeg reports damaged JPEG data
+on the process's stderr and decodes anyway; those messages are caught and the file refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from collections.abc import Callable
+import stat
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from cdgcnet.labels import LabelSpec
+from pipeline.shards import DEFAULT_LIMITS, Limits
 
 # OpenCV prints its own warnings for broken files; we report them ourselves, naming the file.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
@@ -26,6 +36,8 @@ _PNG_IEND = b"IEND\xaeB`\x82"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
 _JPEG_SOS = b"\xff\xda"
+# What libjpeg prints (and then decodes anyway, filling the damage with grey) for a broken file.
+_LIBJPEG_DAMAGE = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid JPEG")
 
 
 class SourceError(ValueError):
@@ -52,15 +64,16 @@ class SampleError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
-LabelReader = Callable[[Path], np.ndarray]
+LabelReader = Callable[[Path, Limits], np.ndarray]
 
 
 @dataclass(frozen=True)
 class SourceSample:
     """One (image, label) pair of a split, as found in the source layout.
 
-    `read_label` is a module-level function (so the record pickles to Ray workers) that returns
-    the label as a (H, W) uint8 array of source ids in the space of the dataset's label table.
+    `read_label(path, limits)` is a module-level function (so the record pickles to Ray workers)
+    that returns the label as a (H, W) uint8 array of source ids in the space of the dataset's
+    label table.
     """
 
     key: str
@@ -71,11 +84,14 @@ class SourceSample:
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """How to list one dataset's splits and which source ids its labels may hold."""
+    """One original layout: how to list its splits and which source ids its labels may hold.
 
-    name: str  # the packer name: cityscapes | voc | cocostuff10k | cocostuff164k
-    spec: LabelSpec
-    splits: tuple[str, ...]  # packed by default
+    Which label table maps those ids, which splits are packed by default and how the layout is
+    generated are the dataset's facts (pipeline.datasets.DatasetSpec): `scenes` is read with
+    the Cityscapes layout, for instance.
+    """
+
+    name: str  # the layout: cityscapes | voc | cocostuff10k | cocostuff164k | ade20k
     known_splits: tuple[str, ...]
     list_split: Callable[[Path, str], list[SourceSample]]
     valid_ids: frozenset[int]  # source ids a label pixel may take (others are an error)
@@ -104,18 +120,92 @@ def make_key(name: str) -> str:
     return name.replace(".", "_").replace("/", "_")
 
 
-def read_bytes(path: Path, what: str) -> bytes:
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def read_bytes(path: Path, what: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """A regular file's bytes, refusing other file types (from stat, unopened) and big files."""
     try:
-        data = path.read_bytes()
+        st = os.stat(path)
     except FileNotFoundError:
         raise SampleError(path, f"{what} file is missing") from None
-    except IsADirectoryError:
-        raise SampleError(path, f"{what} path is a folder, not a file") from None
+    except OSError as e:
+        raise SampleError(path, f"cannot read {what} file: {e.strerror or e}") from None
+    kind = _not_regular(st.st_mode)
+    if kind:
+        raise SampleError(path, f"{what} path is {kind}, not a regular file")
+    too_big = limits.check_bytes(st.st_size, f"{what} file")
+    if too_big:
+        raise SampleError(path, too_big)
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the stat, open does not wait
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            kind = _not_regular(os.fstat(f.fileno()).st_mode)
+            if kind:
+                raise SampleError(path, f"{what} path is {kind}, not a regular file")
+            data = f.read(limits.max_member_bytes + 1)
     except OSError as e:
         raise SampleError(path, f"cannot read {what} file: {e.strerror or e}") from None
     if not data:
         raise SampleError(path, f"{what} file is empty")
+    too_big = limits.check_bytes(len(data), f"{what} file")
+    if too_big:  # it grew since the stat
+        raise SampleError(path, too_big)
     return data
+
+
+def check_pixels(path: Path, data: bytes, what: str, limits: Limits) -> None:
+    """Refuse an image whose header declares more than limits.max_pixels (before decoding)."""
+    reason = limits.check_image(data, what)
+    if reason:
+        raise SampleError(path, reason)
+
+
+@contextlib.contextmanager
+def _native_stderr() -> Iterator[list[str]]:
+    """Collect what native code (libjpeg) writes to file descriptor 2 meanwhile.
+
+    Yields a list that holds the text once the block ends. Python-level sys.stderr is flushed
+    first so nothing of ours is caught.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    out: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read(1 << 16).decode("utf-8", "replace"))
+
+
+def _decode_jpeg(path: Path, data: bytes) -> np.ndarray | None:
+    """cv2.imdecode of a JPEG, refusing the file when libjpeg reports damaged data."""
+    with _native_stderr() as printed:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    text = printed[0].strip()
+    damage = [line for line in text.splitlines() if line.startswith(_LIBJPEG_DAMAGE)]
+    if damage:
+        raise SampleError(path, f"corrupt JPEG: libjpeg says {damage[0]!r}")
+    if text:  # anything else native code said: pass it on, naming the file
+        print(f"{path}: {text}", file=sys.stderr)
+    return img
 
 
 def image_format(data: bytes) -> str | None:
@@ -143,25 +233,30 @@ def check_complete(path: Path, data: bytes, fmt: str) -> None:
             raise SampleError(path, "truncated JPEG (no end-of-image marker after the last scan)")
 
 
-def decode_image(path: Path, data: bytes) -> tuple[str, int, int]:
+def decode_image(path: Path, data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, int, int]:
     """Validate image bytes by decoding them once; return (ext, height, width)."""
     fmt = image_format(data)
     if fmt is None:
         raise SampleError(path, "not a PNG or JPEG file (unknown magic bytes)")
     check_complete(path, data, fmt)
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    check_pixels(path, data, "image", limits)
+    if fmt == "jpg":
+        img = _decode_jpeg(path, data)
+    else:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise SampleError(path, f"corrupt {fmt.upper()}: OpenCV cannot decode it")
     h, w = img.shape[:2]
     return fmt, h, w
 
 
-def read_png_ids(path: Path) -> np.ndarray:
+def read_png_ids(path: Path, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """A single-channel 8-bit PNG of ids (Cityscapes labelIds, COCO-Stuff 164k maps)."""
-    data = read_bytes(path, "label")
+    data = read_bytes(path, "label", limits)
     if image_format(data) != "png":
         raise SampleError(path, "label is not a PNG file")
     check_complete(path, data, "png")
+    check_pixels(path, data, "label", limits)
     arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise SampleError(path, "corrupt PNG: OpenCV cannot decode it")
@@ -175,17 +270,18 @@ def read_png_ids(path: Path) -> np.ndarray:
     return arr
 
 
-def read_palette_png(path: Path) -> np.ndarray:
+def read_palette_png(path: Path, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """A palette (or grayscale) PNG whose pixel indices are the ids (VOC SegmentationClass).
 
     OpenCV expands palettes to colours, so Pillow reads the indices.
     """
     from PIL import Image
 
-    data = read_bytes(path, "label")
+    data = read_bytes(path, "label", limits)
     if image_format(data) != "png":
         raise SampleError(path, "label is not a PNG file")
     check_complete(path, data, "png")
+    check_pixels(path, data, "label", limits)
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.mode not in ("P", "L"):
@@ -200,13 +296,15 @@ def read_palette_png(path: Path) -> np.ndarray:
     return arr
 
 
-def load_mat_field(path: Path, field: str, sub: str | None = None) -> np.ndarray:
+def load_mat_field(
+    path: Path, field: str, sub: str | None = None, limits: Limits = DEFAULT_LIMITS
+) -> np.ndarray:
     """``mat[field]`` or ``mat[field].sub`` from a MATLAB .mat file, as a 2-D integer array."""
     import scipy.io
 
-    read_bytes(path, "label")  # missing / empty checks with the usual messages
+    data = read_bytes(path, "label", limits)  # file type, size, empty: the usual messages
     try:
-        mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
+        mat = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True, struct_as_record=False)
     except Exception as e:  # scipy raises ValueError/TypeError/MatReadError for broken files
         raise SampleError(path, f"corrupt .mat file: {e}") from None
     if field not in mat:
@@ -235,11 +333,11 @@ def to_uint8_ids(path: Path, arr: np.ndarray, what: str) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def load_sample(sample: SourceSample) -> LoadedSample:
+def load_sample(sample: SourceSample, limits: Limits = DEFAULT_LIMITS) -> LoadedSample:
     """Read and validate one sample; the image is decoded exactly once."""
-    image_bytes = read_bytes(sample.image_path, "image")
-    ext, h, w = decode_image(sample.image_path, image_bytes)
-    ids = sample.read_label(sample.label_path)
+    image_bytes = read_bytes(sample.image_path, "image", limits)
+    ext, h, w = decode_image(sample.image_path, image_bytes, limits)
+    ids = sample.read_label(sample.label_path, limits)
     if ids.shape != (h, w):
         raise SampleError(
             sample.label_path,

@@ -42,8 +42,6 @@ def list_split(src: Path, split: str) -> list[SourceSample]:
 
 CITYSCAPES_SOURCE = DatasetSource(
     name="cityscapes",
-    spec=CITYSCAPES,
-    splits=("train", "val"),
     known_splits=("train", "val", "test"),
     list_split=list_split,
     # Every id of the official table that can be a pixel (0..33; license plate -1 cannot).

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cdgcnet.labels import COCOSTUFF
+from pipeline.shards import Limits
 
 from .base import (
     DatasetSource,
@@ -31,9 +32,9 @@ LAYOUT_164K = "images/{train,val}2017/*.jpg and stuffthingmaps/{train,val}2017/*
 NUM_SOURCE_IDS = 182
 
 
-def read_cocostuff10k_mat(path: Path) -> np.ndarray:
+def read_cocostuff10k_mat(path: Path, limits: Limits) -> np.ndarray:
     """10k ``S`` (1-based, 0 unlabeled) -> 0-based ids with 255 unlabeled."""
-    s = load_mat_field(path, "S")
+    s = load_mat_field(path, "S", limits=limits)
     lo, hi = int(s.min()), int(s.max())
     if lo < 0 or hi > NUM_SOURCE_IDS:
         raise SampleError(
@@ -75,8 +76,6 @@ _VALID = frozenset(range(NUM_SOURCE_IDS)) | {COCOSTUFF.ignore_index}
 
 COCOSTUFF10K_SOURCE = DatasetSource(
     name="cocostuff10k",
-    spec=COCOSTUFF,
-    splits=("train", "test"),
     known_splits=("train", "test"),
     list_split=list_split_10k,
     valid_ids=_VALID,
@@ -84,8 +83,6 @@ COCOSTUFF10K_SOURCE = DatasetSource(
 )
 COCOSTUFF164K_SOURCE = DatasetSource(
     name="cocostuff164k",
-    spec=COCOSTUFF,
-    splits=("train", "val"),
     known_splits=("train", "val"),
     list_split=list_split_164k,
     valid_ids=_VALID,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cdgcnet.labels import VOC
+from pipeline.shards import Limits
 
 from .base import (
     DatasetSource,
@@ -36,9 +37,10 @@ LAYOUT = (
 )
 
 
-def read_sbd_mat(path: Path) -> np.ndarray:
+def read_sbd_mat(path: Path, limits: Limits) -> np.ndarray:
     """SBD ``cls/*.mat``: the ``GTcls.Segmentation`` map of 0..20 class ids."""
-    return to_uint8_ids(path, load_mat_field(path, "GTcls", "Segmentation"), "GTcls.Segmentation")
+    seg = load_mat_field(path, "GTcls", "Segmentation", limits)
+    return to_uint8_ids(path, seg, "GTcls.Segmentation")
 
 
 def find_voc_root(src: Path) -> Path | None:
@@ -106,8 +108,6 @@ def list_split(src: Path, split: str) -> list[SourceSample]:
 
 VOC_SOURCE = DatasetSource(
     name="voc",
-    spec=VOC,
-    splits=("train_aug", "val"),
     known_splits=("train_aug", "train", "val"),
     list_split=list_split,
     valid_ids=frozenset(VOC.label_map) | {VOC.ignore_index},  # 0..20 and the 255 border

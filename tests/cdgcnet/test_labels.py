@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cdgcnet.labels import (
+    ADE20K,
     CITYSCAPES,
     COCOSTUFF,
     LABEL_SPECS,
@@ -67,10 +68,13 @@ def test_cocostuff_182_to_171():
 
 
 def test_label_specs_registry_and_validation():
-    assert set(LABEL_SPECS) == {"cityscapes", "voc", "cocostuff"}
-    assert all(spec.name == name for name, spec in LABEL_SPECS.items())
+    # keyed by dataset name; the synthetic scenes and both COCO-Stuff releases share a table
+    assert LABEL_SPECS == {
+        "cityscapes": CITYSCAPES, "scenes": CITYSCAPES, "voc": VOC, "cocostuff10k": COCOSTUFF,
+        "cocostuff164k": COCOSTUFF, "ade20k": ADE20K,
+    }  # fmt: skip
     assert get_label_spec("voc") is VOC
-    with pytest.raises(KeyError, match="unknown label spec 'ade'"):
+    with pytest.raises(KeyError, match="unknown dataset 'ade'"):
         get_label_spec("ade")
     with pytest.raises(ValueError, match="1 palette entries for 2 classes"):
         LabelSpec("x", ("a", "b"), ((0, 0, 0),), {0: 0})
@@ -78,3 +82,13 @@ def test_label_specs_registry_and_validation():
         LabelSpec("x", ("a",), ((0, 0, 0),), {3: 7})
     with pytest.raises(ValueError, match="source id 300"):
         LabelSpec("x", ("a",), ((0, 0, 0),), {300: 0})
+
+
+def test_ade20k_sceneparse150_ids():
+    """0 ("other") is ignored, 1..150 become train ids 0..149, names in the benchmark's order."""
+    assert ADE20K.num_classes == 150 and len(set(ADE20K.class_names)) == 150
+    assert ADE20K.class_names[:5] == ("wall", "building", "sky", "floor", "tree")
+    assert ADE20K.class_names[-1] == "flag" and ADE20K.class_names[12] == "person"
+    pixels = np.array([[0, 1, 2, 150], [151, 255, 13, 75]], np.uint8)
+    np.testing.assert_array_equal(ADE20K.lut()[pixels], [[255, 0, 1, 149], [255, 255, 12, 74]])
+    assert len(set(ADE20K.palette)) == 150

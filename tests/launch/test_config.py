@@ -43,9 +43,16 @@ def test_presets_state_the_paper_values(name: str) -> None:
 
 def test_scenes_preset_is_the_cpu_demo() -> None:
     cfg = preset("scenes")
-    assert cfg.model.depth == 18 and cfg.dataset == "cityscapes" and cfg.model.num_classes == 19
+    assert cfg.model.depth == 18 and cfg.dataset == "scenes" and cfg.model.num_classes == 19
     assert cfg.data.root == "shards/scenes" and not cfg.model.checkpoint
-    assert set(PRESETS) == {"cityscapes", "voc", "cocostuff10k", "cocostuff164k", "scenes"}
+    assert set(PRESETS) == {
+        "cityscapes",
+        "voc",
+        "cocostuff10k",
+        "cocostuff164k",
+        "scenes",
+        "ade20k",
+    }
 
 
 def test_overrides_convert_types() -> None:

@@ -85,7 +85,7 @@ def test_full_run_is_readable_back(store, tmp_path):
     tags = run.data.tags
     assert tags["variant"] == "aspp+cdgc-ds" and tags["graph"] == "ds" and tags["ratio"] == "1.0"
     assert tags["fusion"] == "concat" and tags["table"] == "t2" and tags["note"] == "x"
-    assert tags["kind"] == "training" and tags["dataset"] == "cityscapes"
+    assert tags["kind"] == "training" and tags["dataset"] == cfg.dataset == "scenes"
     m = run.data.metrics
     assert m["loss/total"] == 1.0 and m["loss/coarse"] == 0.25 and m["lr"] == 0.01
     assert "skipped" not in m

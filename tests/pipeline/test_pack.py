@@ -17,8 +17,8 @@ import scipy.io
 
 from pipeline import pack as pack_mod
 from pipeline import synth, verify
+from pipeline.datasets import DATASETS
 from pipeline.pack import PackError, pack_split, plan_shards, ray_session
-from pipeline.sources import SOURCES
 from pipeline.sources import base as sources_base
 
 from .packdata import (
@@ -106,13 +106,13 @@ def test_each_image_decoded_once_and_never_reencoded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sources_base.cv2, "imdecode", counting_decode)
     monkeypatch.setattr(pack_mod.cv2, "imencode", counting_encode)
-    pack_split(SOURCES["cityscapes"], tmp_path / "src", tmp_path / "out", "train", progress=False)
+    pack_split(DATASETS["cityscapes"], tmp_path / "src", tmp_path / "out", "train", progress=False)
     assert calls == {"decode_color": 4, "decode_other": 4, "encode": 4}
 
 
 def test_plan_by_count_and_by_size(tmp_path):
     write_cityscapes(tmp_path / "src", "train", n=7)
-    samples = SOURCES["cityscapes"].list_split(tmp_path / "src", "train")
+    samples = DATASETS["cityscapes"].source.list_split(tmp_path / "src", "train")
     assert [len(g) for g in plan_shards(samples, 3, None)] == [3, 3, 1]
     one = sum(p.stat().st_size for p in (samples[0].image_path, samples[0].label_path)) + 3072
     groups = plan_shards(samples, None, int(2.5 * one))
@@ -188,11 +188,11 @@ def test_ray_workers_give_the_same_shards_and_stop_on_bad_input(tmp_path):
     write_cityscapes(tmp_path / "src", "train", n=6)
     common = dict(max_count=2, progress=False)
     pack_split(
-        SOURCES["cityscapes"], tmp_path / "src", tmp_path / "one", "train", workers=1, **common
+        DATASETS["cityscapes"], tmp_path / "src", tmp_path / "one", "train", workers=1, **common
     )
     with ray_session(2, None):
         pack_split(
-            SOURCES["cityscapes"], tmp_path / "src", tmp_path / "two", "train", workers=2, **common
+            DATASETS["cityscapes"], tmp_path / "src", tmp_path / "two", "train", workers=2, **common
         )
         assert files_of(tmp_path / "one") == files_of(tmp_path / "two")
         bad = tmp_path / "src/gtFine/train/aachen/aachen_000002_000019_gtFine_labelIds.png"
@@ -201,14 +201,14 @@ def test_ray_workers_give_the_same_shards_and_stop_on_bad_input(tmp_path):
             PackError, match=r"aachen_000002_000019_gtFine_labelIds\.png: label file is missing"
         ):
             pack_split(
-                SOURCES["cityscapes"],
+                DATASETS["cityscapes"],
                 tmp_path / "src",
                 tmp_path / "bad",
                 "train",
                 workers=2,
                 **common,
             )
-        m = pack_split(SOURCES["cityscapes"], tmp_path / "src", tmp_path / "skip", "train", workers=2,
+        m = pack_split(DATASETS["cityscapes"], tmp_path / "src", tmp_path / "skip", "train", workers=2,
                        skip_bad=True, **common)  # fmt: skip
     shards = sorted(p.name for p in (tmp_path / "bad/train").glob("*.tar"))
     assert "cityscapes-train-000000.tar" not in shards  # the shard of the bad sample
@@ -359,7 +359,7 @@ def test_cli_errors_exit_nonzero_without_traceback(tmp_path):
 
 def test_max_size_option_groups_by_bytes(tmp_path):
     write_cityscapes(tmp_path / "src", "train", n=6)
-    samples = SOURCES["cityscapes"].list_split(tmp_path / "src", "train")
+    samples = DATASETS["cityscapes"].source.list_split(tmp_path / "src", "train")
     sizes = [s.image_path.stat().st_size + s.label_path.stat().st_size + 3072 for s in samples]
     assert run_pack("cityscapes", "--src", tmp_path / "src", "--out", tmp_path / "out", "--splits",
                     "train", "--workers", "1", "--max-size", str(sum(sizes[:3]))) == 0  # fmt: skip

@@ -132,11 +132,11 @@ def test_round_trip_through_the_packer(tmp_path):
     """synth -> pipeline.pack -> reader: the reader returns the source pixels and train ids."""
     from cdgcnet.labels import CITYSCAPES
     from pipeline import synth
+    from pipeline.datasets import DATASETS
     from pipeline.pack import pack_split
-    from pipeline.sources import SOURCES
 
     src = synth.generate("cityscapes", tmp_path / "src", train=2, val=5, size=(64, 32))
-    m = pack_split(SOURCES["cityscapes"], src, tmp_path / "shards", "val", max_count=2,
+    m = pack_split(DATASETS["cityscapes"], src, tmp_path / "shards", "val", max_count=2,
                    progress=False)  # fmt: skip
     split_dir = tmp_path / "shards" / "val"
     keys = [k for s in m["shards"] for k in s["keys"]]

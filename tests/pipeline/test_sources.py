@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import scipy.io
 
+from pipeline.datasets import DATASETS
 from pipeline.pack import pack_split
-from pipeline.sources import SOURCES, SourceError
+from pipeline.sources import SourceError
 
 from .packdata import (
     decode_label,
@@ -42,7 +43,7 @@ COCOSTUFF_OFFICIAL = {
 
 
 def pack(dataset: str, src, out, split: str, **kw) -> dict:
-    return pack_split(SOURCES[dataset], src, out, split, workers=1, progress=False, **kw)
+    return pack_split(DATASETS[dataset], src, out, split, workers=1, progress=False, **kw)
 
 
 def test_cityscapes_label_ids_map_to_official_train_ids(tmp_path):
@@ -153,9 +154,9 @@ def test_image_bytes_are_copied_untouched(tmp_path, dataset):
 
 def test_listing_order_is_sorted_and_stable(tmp_path):
     write_cityscapes(tmp_path / "src", "train", n=5)
-    a = [s.key for s in SOURCES["cityscapes"].list_split(tmp_path / "src", "train")]
+    a = [s.key for s in DATASETS["cityscapes"].source.list_split(tmp_path / "src", "train")]
     assert a == sorted(a) and len(a) == 5
-    assert a == [s.key for s in SOURCES["cityscapes"].list_split(tmp_path / "src", "train")]
+    assert a == [s.key for s in DATASETS["cityscapes"].source.list_split(tmp_path / "src", "train")]
 
 
 @pytest.mark.parametrize(

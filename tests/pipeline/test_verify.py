@@ -9,8 +9,8 @@ import tarfile
 
 import pytest
 
+from pipeline.datasets import DATASETS
 from pipeline.pack import pack_split, sha256_file
-from pipeline.sources import SOURCES
 from pipeline.verify import main, verify_split
 
 from .packdata import write_cityscapes
@@ -21,7 +21,7 @@ def packed(tmp_path):
     write_cityscapes(tmp_path / "src", "train", n=5)
     write_cityscapes(tmp_path / "src", "val", n=2, seed=1)
     for split in ("train", "val"):
-        pack_split(SOURCES["cityscapes"], tmp_path / "src", tmp_path / "shards", split,
+        pack_split(DATASETS["cityscapes"], tmp_path / "src", tmp_path / "shards", split,
                    max_count=2, progress=False)  # fmt: skip
     return tmp_path / "shards"
 

@@ -695,70 +695,73 @@ def measure_train_step(
     peak: dict[str, Any],
     on_rows: Callable[[list[dict[str, Any]]], None],
 ) -> list[dict[str, Any]]:
-    """Cases one after another in this process, each with its own model: times, FLOPs, and the
-    peak memory from model build to the last step (weights, gradients, momentum, activations).
+    """Cases one after another in this process, each with its own model; on_rows(rows) after
+    each case. The model FLOPs of cdgc_ckpt are those of cdgc (the recompute is no useful work).
     """
-    import torch
+    from benchmarks import train_step
 
-    from benchmarks import common, train_step
-
-    device = _device()
     p = train_step.PRESETS[preset]
     rows: list[dict[str, Any]] = []
-    flops_cdgc = None
+    flops: dict[str, float] = {}
     for case in cases:
         row: dict[str, Any] = dict(preset=preset, case=case, crop=p["crop"], batch=p["batch"],
                                    classes=p["classes"])  # fmt: skip
         if case == "torchvision" and not train_step._has_torchvision():
             row["status"] = "skipped: torchvision not importable"
-            rows.append(row)
-            continue
-        if ctx.left() < 15:
+        elif ctx.left() < 15:
             row["status"] = "skipped: stage time used up"
-            rows.append(row)
-            continue
-        gc.collect()  # the previous case's model, optimizer and inputs
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        try:
-            with common.PeakMemory(device) as mem:
-                model = train_step.build(case, p, device)
-                step = train_step.make_step(case, model, p, device)
-                flops = common.count_flops(step)  # also the first warm-up step
-                for _ in range(max(ctx.sizes.step_warmup - 1, 0)):
-                    step()
-                times = [common.time_call(step, device) for _ in range(ctx.sizes.step_iters)]
-        except torch.OutOfMemoryError:
-            row["status"] = "out of memory"
-            rows.append(row)
-            continue
-        finally:
-            model = step = None  # free the case before the next one
-        if case == "cdgc":
-            flops_cdgc = flops
-        if case == "cdgc_ckpt" and flops_cdgc is not None:
-            flops = flops_cdgc  # model FLOPs: the checkpoint's recompute is not useful work
-        t = common.summary(times)
-        sec = t["median_ms"] / 1e3
-        achieved = flops["total"] / sec / 1e12
-        row.update(
-            status="ok",
-            depth=101 if case == "torchvision" else p["depth"],
-            dtype="bf16 autocast" if device.type == "cuda" else "fp32",
-            step_ms=t["median_ms"],
-            step_ms_min=t["min_ms"],
-            step_ms_max=t["max_ms"],
-            iters=t["n"],
-            images_per_s=round(p["batch"] / sec, 3),
-            peak_mem_mb=round(mem.absolute_peak_mb if device.type == "cuda" else mem.peak_mb, 1),
-            gflop_per_step=round(flops["total"] / 1e9, 2),
-            achieved_tflops=round(achieved, 3),
-            fraction_of_matmul_peak=round(achieved / peak["tflops"], 4),
-        )
+        else:
+            row.update(_measure_case(ctx, case, p))
+        if row["status"] == "ok":
+            flops[case] = row["gflop_per_step"]
+            if case == "cdgc_ckpt" and "cdgc" in flops:
+                row["gflop_per_step"] = flops["cdgc"]
+            achieved = row["gflop_per_step"] * 1e9 / (row["step_ms"] / 1e3) / 1e12
+            row["achieved_tflops"] = round(achieved, 3)
+            row["fraction_of_matmul_peak"] = round(achieved / peak["tflops"], 4)
         rows.append(row)
         _ratios(rows)
         on_rows(rows)
     return rows
+
+
+def _measure_case(ctx: Ctx, case: str, p: dict[str, Any]) -> dict[str, Any]:
+    """Step times, FLOPs and the peak memory from model build to the last step (weights,
+    gradients, momentum, activations) of one benchmarks/train_step.py case."""
+    import torch
+
+    from benchmarks import common, train_step
+
+    device = _device()
+    gc.collect()  # the previous case's model, optimizer and inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        with common.PeakMemory(device) as mem:
+            model = train_step.build(case, p, device)
+            step = train_step.make_step(case, model, p, device)
+            flops = common.count_flops(step)  # also the first warm-up step
+            for _ in range(max(ctx.sizes.step_warmup - 1, 0)):
+                step()
+            times = [common.time_call(step, device) for _ in range(ctx.sizes.step_iters)]
+    except torch.OutOfMemoryError:
+        return {"status": "out of memory"}
+    finally:
+        model = step = None  # free the case before the next one
+    t = common.summary(times)
+    return dict(
+        status="ok",
+        depth=101 if case == "torchvision" else p["depth"],
+        dtype="bf16 autocast" if device.type == "cuda" else "fp32",
+        step_ms=t["median_ms"],
+        step_ms_min=t["min_ms"],
+        step_ms_max=t["max_ms"],
+        iters=t["n"],
+        images_per_s=round(p["batch"] / (t["median_ms"] / 1e3), 3),
+        peak_mem_mb=round(mem.absolute_peak_mb if device.type == "cuda" else mem.peak_mb, 1),
+        gflop_per_step=round(flops["total"] / 1e9, 2),
+        flop_ops=list(flops["by_op"])[:6],
+    )
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
@@ -953,8 +956,10 @@ def run_stage(name: str, args: argparse.Namespace, env: dict[str, str], deadline
     with open(out / LOG, "a") as log:
         log.write(f"\n===== {name} (limit {deadline - t0:.0f} s)\n")
         log.flush()
+        # Its own process group (not a new session): killpg ends the stage with its loader
+        # workers, and a kill of the whole command still reaches it.
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=os.setpgrp
         )
         try:
             code = proc.wait(timeout=max(deadline - t0, 1))

@@ -118,8 +118,8 @@ GPU = Sizes(
 )
 DRY = Sizes(
     label="dry run (CPU, tiny sizes: the figures mean nothing)",
-    budget_s=300.0,
-    stage_caps_s=dict(env=60, gpu_tests=90, trainer=180, train_step=60, sdpa=30, extras=60),
+    budget_s=600.0,  # about a minute on an idle 2-core machine; room for a busy one
+    stage_caps_s=dict(env=60, gpu_tests=120, trainer=300, train_step=120, sdpa=90, extras=120),
     matmul_n=256,
     train_preset="smoke",
     extra_presets=("smoke",),
@@ -385,6 +385,7 @@ def stage_env(ctx: Ctx) -> None:
         "device": device.type,
         "hardware": common.hardware(device),
     }
+    info.update(gpu=None, capability=None, multiprocessors=None, nvidia_smi=None)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -406,7 +407,7 @@ def stage_env(ctx: Ctx) -> None:
             versions[name] = None
     info["packages"] = versions
     line = f"torch {info['torch']} cuda {info['cuda']} cudnn {info['cudnn']}"
-    line += f" {info.get('gpu', common.cpu_model())} python {info['python']}"
+    line += f" {info['gpu'] or common.cpu_model()} python {info['python']}"
     info["line"] = line
     print("env:", line, flush=True)
     record(ctx.out, "env", info)
@@ -498,12 +499,26 @@ def pretrained_overrides() -> list[str]:
     return ["model.pretrained=null", "model.pretrained=none"]
 
 
+def _peaks() -> dict[str, float | None]:
+    """Peak memory of this process: on the device the tensors (allocated) and the caching
+    allocator's hold (reserved), None on CPU; on the host the resident high-water mark
+    (interpreter and libraries included)."""
+    import torch
+
+    from benchmarks import common
+
+    cuda, mb = torch.cuda.is_available(), 2**20
+    return {
+        "peak_allocated_mb": round(torch.cuda.max_memory_allocated() / mb, 1) if cuda else None,
+        "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / mb, 1) if cuda else None,
+        "peak_rss_mb": round(common.status_mb("VmHWM"), 1),
+    }
+
+
 def trainer_child(result_path: str, argv: list[str]) -> int:
     """Run launch/train.py's command line in this process, then write its peak memory."""
     import runpy
     import traceback
-
-    import torch
 
     hide_absent_packages()
     sys.argv = [str(ROOT / "launch" / "train.py"), *argv]
@@ -517,15 +532,7 @@ def trainer_child(result_path: str, argv: list[str]) -> int:
         traceback.print_exc()
         code, error = 1, f"{type(exc).__name__}: {str(exc)[:400]}"
     finally:
-        res: dict[str, Any] = {"exit_code": code if isinstance(code, int) else 1, "error": error}
-        if torch.cuda.is_available():
-            res["peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            res["peak_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
-        else:  # the process's resident high-water mark (includes the interpreter and libraries)
-            from benchmarks import common
-
-            res["peak_allocated_mb"] = None
-            res["peak_rss_mb"] = round(common.status_mb("VmHWM"), 1)
+        res = {"exit_code": code if isinstance(code, int) else 1, "error": error, **_peaks()}
         Path(result_path).write_text(json.dumps(res))
     return res["exit_code"]
 
@@ -1086,7 +1093,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", help="where lease.json and lease.log go (on the GPU machine: $OUT)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, fp32")
-    ap.add_argument("--budget-s", type=float, default=None, help="whole run (GPU 480, dry 300)")
+    ap.add_argument("--budget-s", type=float, default=None, help="whole run (GPU 480, dry 600)")
     ap.add_argument("--only", nargs="+", choices=STAGES, help="run these stages only")
     ap.add_argument("--wheels", default=str(WHEEL_DIR), help="wheel folder (default .whl)")
     ap.add_argument("--build-wheels", nargs="?", const=str(WHEEL_DIR), metavar="DIR",

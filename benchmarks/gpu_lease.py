@@ -30,6 +30,9 @@ WebDataset: they travel as wheels in an ignored folder (--build-wheels), and eac
 package is missing or older here is installed with `pip install --no-index --no-deps
 --target` into a temporary folder that goes on the stages' PYTHONPATH. Stages also run with
 MLflow and Ray made unimportable, as on that image.
+
+Exit status 1 when a stage failed or timed out (a failing CUDA test is a finding, counted in
+gpu_tests, not a stage failure); 2 without a GPU unless --dry-run.
 """
 
 from __future__ import annotations
@@ -221,7 +224,11 @@ def plan_wheels(wheel_dir: Path) -> tuple[list[Path], dict[str, str]]:
         except metadata.PackageNotFoundError:
             install.append(w)
             continue
-        if _version_tuple(have) >= _version_tuple(wanted):
+        try:
+            newer = _version_tuple(have) >= _version_tuple(wanted)
+        except TypeError:  # one parsed by packaging, the other not: take the wheel
+            newer = False
+        if newer:
             kept[key] = f"present ({have} >= {wanted})"
         else:
             install.append(w)
@@ -690,6 +697,8 @@ def stage_trainer(ctx: Ctx) -> None:
         status="ok" if res2["exit_code"] == 0 else f"exit code {res2['exit_code']}",
     )
     record(ctx.out, "trainer", {"resume": res2})
+    if res2["exit_code"] != 0:
+        raise RuntimeError(f"the resumed run failed ({res2['status']}); see {LOG}")
 
 
 # ----------------------------------------------------------------------------- 4. train step
@@ -1035,6 +1044,7 @@ def lease_main(args: argparse.Namespace) -> int:
     env["PYTHONPATH"] = os.pathsep.join(paths)
     print(f"gpu_lease: {sizes.label}; wheels: {wheels['status']}", flush=True)
     end = t_start + budget
+    broken = []
     try:
         for name in stages:
             left = end - time.time()
@@ -1046,11 +1056,15 @@ def lease_main(args: argparse.Namespace) -> int:
             print(f"gpu_lease: {name} (limit {deadline - time.time():.0f} s) ...", flush=True)
             status = run_stage(name, args, env, deadline)
             print(f"gpu_lease: {name}: {status}", flush=True)
+            if status != "ok":
+                broken.append(name)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
         record_lease(out, {"seconds": round(time.time() - t_start, 1)})
     print_summary(out)
-    return 0
+    if broken:
+        print(f"gpu_lease: stages that failed or timed out: {broken}; see {out / LOG}")
+    return 1 if broken else 0
 
 
 def print_summary(out: Path) -> None:

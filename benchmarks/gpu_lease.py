@@ -50,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -941,8 +942,22 @@ STAGE_FUNCS: dict[str, Callable[[Ctx], None]] = {
 }
 
 
+def _die_with_parent() -> None:
+    """End this stage's whole process group (trainer, loader workers, pytest) once the lease
+    process is gone: a kill of the command must not leave a stage running on the machine."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def stage_main(name: str, ctx: Ctx) -> int:
     """One stage in this (child) process; its section of lease.json says how it ended."""
+    _die_with_parent()
     hide_absent_packages()
     t0 = time.time()
     record(ctx.out, name, {"status": "running"})

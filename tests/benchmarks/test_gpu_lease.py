@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -84,6 +85,65 @@ def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
     inference = st["extras"]["inference"]
     assert inference["status"] == "ok"
     assert [r["case"] for r in inference["records"]] == ["whole", "slide"]
+
+
+@pytest.mark.slow  # one DeepSpeed start-up, killed once the first iterations are on disk
+def test_a_kill_keeps_what_was_measured(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "benchmarks/gpu_lease.py", "--dry-run", "--out", str(out)]
+    cmd += ["--wheels", str(tmp_path / "no_wheels"), "--only", "trainer"]
+    (tmp_path / "tmp").mkdir()  # the script's work folder goes here (TMPDIR), not in /tmp
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path / "tmp"))
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    results = out / gpu_lease.RESULTS
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if results.is_file():
+                run = json.loads(results.read_text())["stages"].get("trainer", {}).get("run", {})
+                if run.get("iterations"):
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the dry run ended before it could be killed"
+    finally:
+        proc.kill()  # the lease process alone, as a kill of the whole command would
+        proc.wait()
+    # Its stage notices and takes its process group (the trainer, loader workers) with it.
+    deadline = time.time() + 30
+    while time.time() < deadline and _processes_naming(out):
+        time.sleep(0.5)
+    assert not _processes_naming(out)
+    data = json.loads(results.read_text())  # whole: every write is a rename
+    trainer = data["stages"]["trainer"]
+    assert trainer["status"] == "running"
+    assert trainer["data"]["samples"] == {
+        "train": gpu_lease.DRY.synth_train,
+        "val": gpu_lease.DRY.synth_val,
+    }
+    assert trainer["run"]["status"] == "running"
+    first = trainer["run"]["iterations"][0]
+    assert first["iteration"] == 1 and first["finite"] and first["t_s"] > 0
+    assert sorted(p.name for p in out.iterdir()) == [gpu_lease.RESULTS, gpu_lease.LOG]
+
+
+def _processes_naming(path: Path) -> list[str]:
+    """Command lines of live processes that mention path."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = next(
+                line
+                for line in (proc / "status").read_text().splitlines()
+                if line.startswith("State:")
+            )
+        except (OSError, StopIteration):
+            continue
+        if str(path) in cmdline and "zombie" not in state:
+            found.append(cmdline)
+    return found
 
 
 # ----------------------------------------------------------------------------- wheels

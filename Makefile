@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint format bench lock clean
+.PHONY: venv demo test test-fast lint format bench gpu-wheels lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench: venv  ## every benchmark script; JSON under benchmarks/results/ (see benc
 	$(PY) benchmarks/ohem_loss.py --json benchmarks/results/ohem_loss.json
 	$(PY) benchmarks/deepspeed_stages.py --json benchmarks/results/deepspeed_stages.json
 	$(PY) benchmarks/data_pipeline.py --json benchmarks/results/data_pipeline.json
+
+gpu-wheels: venv  ## DeepSpeed, WebDataset and their needs as Python 3.12 manylinux wheels in .whl/ (the GPU lease carries them; benchmarks/README.md)
+	$(PY) benchmarks/gpu_lease.py --build-wheels .whl
 
 lock: venv  ## re-pin constraints.txt from the current .venv
 	$(PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+[a-z0-9]+/\1/' > constraints.txt.new

@@ -1,0 +1,250 @@
+"""benchmarks/gpu_lease.py: the CPU dry run writes the files and keys of a GPU lease; the carried
+wheels are installed only where a package is missing or older; the helpers that read the
+trainer's records and the profiler's op names."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_lease
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow  # about a minute of CPU: two short DeepSpeed runs and the benchmark stages
+def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "benchmarks/gpu_lease.py", "--dry-run", "--out", str(out)]
+    cmd += ["--wheels", str(tmp_path / "no_wheels")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [gpu_lease.RESULTS, gpu_lease.LOG]
+    data = json.loads((out / gpu_lease.RESULTS).read_text())
+    assert data["lease"]["gpu_rows"] == "not measured (dry run on CPU)"
+    assert data["lease"]["wheels"]["status"].startswith("no wheel folder")
+    st = data["stages"]
+    assert list(st) == list(gpu_lease.STAGES)
+    assert {name: s["status"] for name, s in st.items()} == dict.fromkeys(gpu_lease.STAGES, "ok")
+
+    assert st["env"]["device"] == "cpu" and st["env"]["torch"].startswith("2.")
+    # Without CUDA every GPU test is collected and skipped, none deselected by mistake.
+    assert st["gpu_tests"]["counts"] == {"SKIPPED": len(st["gpu_tests"]["tests"])}
+    assert len(st["gpu_tests"]["tests"]) >= 10
+
+    run, resume = st["trainer"]["run"], st["trainer"]["resume"]
+    n, half = gpu_lease.DRY.iterations, gpu_lease.DRY.iterations // 2
+    assert [r["iteration"] for r in run["iterations"]] == list(range(1, n + 1))
+    assert run["status"] == "ok" and run["losses_finite"] and run["step_ms_median"] > 0
+    assert [(c["tag"], c["complete"]) for c in run["checkpoints"]] == [
+        (f"iter_{half:08d}", True),
+        (f"iter_{n:08d}", True),
+    ]
+    assert run["exported_model"]
+    assert run["pretrained_override"] in ("model.pretrained=none", "model.pretrained=null")
+    assert resume["status"] == "ok"
+    assert resume["iterations_after_resume"] == list(range(half + 1, n + 1))
+    assert resume["loss_max_rel_diff_vs_run"] == 0.0  # fp32 on CPU: the resume is exact
+
+    rows = {r["case"]: r for r in st["train_step"]["records"]}
+    for case in ("cdgc", "cdgc_ckpt", "baseline"):
+        r = rows[case]
+        assert r["status"] == "ok", r
+        assert r["step_ms"] > 0 and r["images_per_s"] > 0 and r["peak_mem_mb"] > 0
+        assert r["fraction_of_matmul_peak"] > 0
+    assert rows["cdgc"]["gflop_per_step"] > rows["baseline"]["gflop_per_step"]
+    assert rows["cdgc_ckpt"]["gflop_per_step"] == rows["cdgc"]["gflop_per_step"]
+    assert rows["baseline"]["time_vs_baseline"] == 1.0
+    if importlib.util.find_spec("torchvision") is None:
+        assert rows["torchvision"]["status"] == "skipped: torchvision not importable"
+
+    recs = st["sdpa"]["records"]
+    widths = gpu_lease.DRY.sdpa_widths
+    assert [(r["impl"], r["C"]) for r in recs] == [
+        (impl, c) for c in widths for impl in ("segmented", "jagged")
+    ]
+    for r in recs:
+        assert r["status"] == "ok" and r["fwd_bwd_ms"] > 0 and r["sdpa_ops"], r
+        assert r["attention_kernels"] == []  # CPU: no device kernels
+        # CPU: one fused call per segment; jagged runs torch's per-segment math fallback.
+        assert r["sdpa_backends"] == (["cpu_flash"] if r["impl"] == "segmented" else ["math"])
+
+    assert {r["case"] for r in st["extras"]["presets"]} == {"cdgc", "baseline"}
+    inference = st["extras"]["inference"]
+    assert inference["status"] == "ok"
+    assert [r["case"] for r in inference["records"]] == ["whole", "slide"]
+
+
+@pytest.mark.slow  # one DeepSpeed start-up, killed once the first iterations are on disk
+def test_a_kill_keeps_what_was_measured(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "benchmarks/gpu_lease.py", "--dry-run", "--out", str(out)]
+    cmd += ["--wheels", str(tmp_path / "no_wheels"), "--only", "trainer"]
+    (tmp_path / "tmp").mkdir()  # the script's work folder goes here (TMPDIR), not in /tmp
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path / "tmp"))
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    results = out / gpu_lease.RESULTS
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if results.is_file():
+                run = json.loads(results.read_text())["stages"].get("trainer", {}).get("run", {})
+                if run.get("iterations"):
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the dry run ended before it could be killed"
+    finally:
+        proc.kill()  # the lease process alone, as a kill of the whole command would
+        proc.wait()
+    # Its stage notices and takes its process group (the trainer, loader workers) with it.
+    deadline = time.time() + 30
+    while time.time() < deadline and _processes_naming(out):
+        time.sleep(0.5)
+    assert not _processes_naming(out)
+    data = json.loads(results.read_text())  # whole: every write is a rename
+    trainer = data["stages"]["trainer"]
+    assert trainer["status"] == "running"
+    assert trainer["data"]["samples"] == {
+        "train": gpu_lease.DRY.synth_train,
+        "val": gpu_lease.DRY.synth_val,
+    }
+    assert trainer["run"]["status"] == "running"
+    first = trainer["run"]["iterations"][0]
+    assert first["iteration"] == 1 and first["finite"] and first["t_s"] > 0
+    assert sorted(p.name for p in out.iterdir()) == [gpu_lease.RESULTS, gpu_lease.LOG]
+
+
+def _processes_naming(path: Path) -> list[str]:
+    """Command lines of live processes that mention path."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = next(
+                line
+                for line in (proc / "status").read_text().splitlines()
+                if line.startswith("State:")
+            )
+        except (OSError, StopIteration):
+            continue
+        if str(path) in cmdline and "zombie" not in state:
+            found.append(cmdline)
+    return found
+
+
+# ----------------------------------------------------------------------------- wheels
+
+
+def _wheel(folder: Path, name: str, version: str, files: dict[str, str]) -> Path:
+    """A minimal valid pure-Python wheel."""
+    dist = f"{name}-{version}.dist-info"
+    members = dict(files)
+    members[f"{dist}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    members[f"{dist}/WHEEL"] = (
+        "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
+    record = []
+    for path, text in members.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    record.append(f"{dist}/RECORD,,")
+    members[f"{dist}/RECORD"] = "\n".join(record) + "\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for member, text in members.items():
+            z.writestr(member, text)
+    return path
+
+
+def test_wheels_are_installed_only_where_missing_or_older(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    have = metadata.version("tqdm")
+    missing = _wheel(wheels, "lease_probe", "1.0", {"lease_probe/__init__.py": "VALUE = 42\n"})
+    _wheel(wheels, "tqdm", have, {})  # present at the same version: kept
+    _wheel(wheels, "packaging", "0.1", {})  # present and newer than the wheel: kept
+    newer = _wheel(wheels, "PyYAML", "999.0", {})  # present but older than the wheel
+    install, kept = gpu_lease.plan_wheels(wheels)
+    assert set(install) == {missing, newer}
+    assert set(kept) == {"tqdm", "packaging"}
+    assert kept["tqdm"] == f"present ({have} >= {have})"
+
+    site = tmp_path / "site"
+    gpu_lease.install_wheels([missing], site)
+    env = dict(os.environ, PYTHONPATH=str(site))
+    probe = [sys.executable, "-c", "import lease_probe; print(lease_probe.VALUE)"]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip() == "42"
+
+
+def test_two_wheels_of_one_package_are_refused(tmp_path: Path) -> None:
+    _wheel(tmp_path, "lease_probe", "1.0", {})
+    _wheel(tmp_path, "Lease_Probe", "1.1", {})  # the same package, spelled otherwise
+    with pytest.raises(SystemExit, match="two wheels of lease-probe"):
+        gpu_lease.plan_wheels(tmp_path)
+
+
+def test_missing_wheel_folder_says_how_to_build_it(tmp_path: Path) -> None:
+    info = gpu_lease.prepare_wheels(tmp_path / "absent", tmp_path / "site")
+    assert "make gpu-wheels" in info["status"] and info["site"] is None
+
+
+def test_every_carried_package_is_pinned() -> None:
+    pins = gpu_lease._constraint_pins(gpu_lease.WHEEL_PACKAGES)
+    assert len(pins) == len(gpu_lease.WHEEL_PACKAGES)
+    assert all("==" in p for p in pins)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_step_time_leaves_out_warmup_and_the_step_after_a_save() -> None:
+    t = [0.0, 5.0, 5.5, 6.0, 9.0, 9.5]  # iteration 1 at 0 s; iteration 5 follows a 2.5 s save
+    rows = [{"iteration": i + 1, "t_s": s, "data_wait_fraction": 0.1 * i} for i, s in enumerate(t)]
+    got = gpu_lease.step_summary(rows, skip={5}, warmup=2)
+    assert got["steps_timed"] == 3  # iterations 3, 4 and 6
+    assert got["step_ms_median"] == 500.0 and got["step_ms_max"] == 500.0
+    assert got["data_wait_fraction_median"] == 0.35  # iterations 3-6
+
+
+def test_sdpa_backends_from_profiler_op_names() -> None:
+    names = gpu_lease.sdpa_backends
+    assert names(["aten::_scaled_dot_product_flash_attention_for_cpu"]) == ["cpu_flash"]
+    assert names(
+        ["aten::_scaled_dot_product_efficient_attention", "aten::_efficient_attention_backward"]
+    ) == ["efficient"]
+    assert names(
+        ["aten::_flash_attention_forward", "aten::_scaled_dot_product_attention_math"]
+    ) == [
+        "flash",
+        "math",
+    ]
+    assert names(["aten::scaled_dot_product_attention"]) == []
+
+
+def test_pretrained_spellings_hold_both_and_one_loads() -> None:
+    from launch.config import ConfigError, load_config
+
+    spellings = gpu_lease.pretrained_overrides()
+    assert sorted(spellings) == ["model.pretrained=none", "model.pretrained=null"]
+    loaded = []
+    for spelling in spellings:
+        try:
+            load_config("cityscapes", [spelling])
+        except ConfigError:
+            continue
+        loaded.append(spelling)
+    assert loaded, "neither spelling of 'no pretrained weights' loads"

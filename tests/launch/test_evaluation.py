@@ -176,7 +176,7 @@ def test_evaluate_cli_reproduces_the_in_training_miou(tmp_path):
     db = tmp_path / "mlflow.db"
     run_dir = tmp_path / "run"
     overrides = [
-        f"data.root={shards}", "data.crop_size=16", "data.batch_size=2", "data.num_workers=0",
+        f"data.root={shards}", "data.crop_size=32", "data.batch_size=2", "data.num_workers=0",
         "schedule.iterations=4", "schedule.warmup_iters=0", "eval.every=0", "eval.mode=whole",
         "eval.num_pictures=1", "checkpoint.every=2", "model.channels=16", "model.aspp=false",
         "loss.ohem_min_kept=16", f"logging.tracking_uri=sqlite:///{db}", "logging.experiment=e2e",

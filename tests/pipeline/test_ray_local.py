@@ -1,0 +1,111 @@
+"""Private Ray clusters die with their driver, and a refused join is one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.ray_local import OWNER_MARK, marked_processes, reap
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    e.update(extra)
+    return e
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return alive
+
+
+def test_reap_kills_only_the_marked_processes() -> None:
+    marked = subprocess.Popen(["sleep", "60"], env=_env(**{OWNER_MARK: "test-a"}))
+    other = subprocess.Popen(["sleep", "60"], env=_env(**{OWNER_MARK: "test-b"}))
+    try:
+        assert [p.pid for p in marked_processes("test-a")] == [marked.pid]
+        assert reap("test-a", grace_s=2) == 1
+        marked.wait(timeout=5)  # ended (reap collected its status already)
+        assert other.poll() is None and not marked_processes("test-a")
+    finally:
+        other.kill()
+        marked.kill()
+
+
+def test_the_reaper_acts_when_its_driver_is_killed() -> None:
+    """The reaper waits on a pipe from the driver; SIGKILL of the driver closes it."""
+    driver_code = (
+        "import subprocess, sys, time\n"
+        "r = subprocess.Popen([sys.executable, '-m', 'pipeline.ray_local', '--reap', 'test-c'],"
+        " stdin=subprocess.PIPE, start_new_session=True)\n"
+        "print(r.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    orphan = subprocess.Popen(["sleep", "60"], env=_env(**{OWNER_MARK: "test-c"}))
+    driver = subprocess.Popen(
+        [sys.executable, "-c", driver_code], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        reaper = psutil.Process(int(driver.stdout.readline()))
+        time.sleep(0.5)
+        assert orphan.poll() is None
+        driver.kill()
+        assert orphan.wait(timeout=15) == -signal.SIGTERM
+        assert not _wait_gone([reaper], 10), "the reaper should exit after reaping"
+    finally:
+        orphan.kill()
+        driver.kill()
+
+
+def _ray_descendants(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        kids = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in kids if _name(p).startswith(("ray::", "raylet", "gcs_server"))]
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_ray_pack_leaves_no_ray_process(tmp_path: Path) -> None:
+    from launch.demo import pack_command
+    from pipeline.synth import generate
+
+    data = tmp_path / "data"
+    generate("scenes", data, train=40, val=2, size=(96, 64))
+    cmd = [*pack_command(data, tmp_path / "shards"), "--no-progress", "--workers", "2",
+           "--max-count", "1"]  # fmt: skip
+    driver = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    root = psutil.Process(driver.pid)
+    deadline = time.monotonic() + 120
+    seen: dict[int, psutil.Process] = {}
+    while time.monotonic() < deadline and driver.poll() is None:
+        for p in _ray_descendants(root):
+            seen.setdefault(p.pid, p)
+        if any(_name(p).startswith("ray::pack_shard") for p in seen.values()):
+            break  # Ray workers are packing: kill the driver mid-job
+        time.sleep(0.1)
+    assert driver.poll() is None, "the pack ended before Ray workers were seen"
+    for p in _ray_descendants(root):
+        seen.setdefault(p.pid, p)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    alive = _wait_gone(list(seen.values()), 30)
+    assert not alive, f"Ray processes outlived the driver: {[(p.pid, _name(p)) for p in alive]}"

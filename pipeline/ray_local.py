@@ -15,9 +15,11 @@ spawns all see it. Token authentication stays on (Ray's default for a new local 
 Fate. Ray's processes outlive a driver killed with SIGKILL (they are re-parented to init). Each
 private cluster gets a reaper: a small process in its own session that waits for the driver's
 end (the pipe it reads from closes, however the driver dies) and then kills every process that
-carries this cluster's owner mark in its environment. The mark is in the environment only while
-Ray starts, so it reaches GCS, raylet and, through the raylet, every worker and agent, but no
-process the driver starts later.
+carries this cluster's owner mark in its environment, and every process it saw descend from
+one. The mark is in the environment only while Ray starts, so it reaches GCS, raylet and,
+through the raylet, the workers, but no process the driver starts later; the raylet starts its
+agents with an environment of their own, so the reaper remembers the marked processes'
+children while it waits (every REAPER_POLL_S).
 
     python -m pipeline.ray_local --reap MARK      # the reaper (started by start_local)
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -38,6 +41,7 @@ LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """Ray's switch: "0" keeps a new node on the loopback address."""
 OWNER_MARK = "CDGCNET_RAY_OWNER"
 """Environment variable that marks the processes of one private cluster."""
+REAPER_POLL_S = 2.0
 
 TOKEN_HELP = (
     "Ray clusters enforce token authentication: give this process the cluster's token with "
@@ -149,11 +153,41 @@ def marked_processes(mark: str) -> list:
     return found
 
 
-def reap(mark: str, grace_s: float = 3.0) -> int:
-    """SIGTERM the marked processes, SIGKILL what is left after grace_s; returns how many."""
+def remember_descendants(mark: str, known: dict[int, float]) -> None:
+    """Add the marked processes and all their descendants to known (pid -> start time)."""
     import psutil
 
-    procs = marked_processes(mark)
+    for proc in marked_processes(mark):
+        try:
+            for p in [proc, *proc.children(recursive=True)]:
+                known.setdefault(p.pid, p.create_time())
+        except psutil.Error:
+            continue
+
+
+def _still_running(known: dict[int, float]) -> list:
+    """The remembered processes that still run (the same process: pid and start time match)."""
+    import psutil
+
+    alive = []
+    for pid, started in known.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == started and pid != os.getpid():
+                alive.append(p)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def reap(mark: str, known: dict[int, float] | None = None, grace_s: float = 3.0) -> int:
+    """SIGTERM the marked processes and the remembered ones, SIGKILL what is left after
+    grace_s; returns how many were signalled."""
+    import psutil
+
+    by_pid = {p.pid: p for p in _still_running(known or {})}
+    by_pid.update({p.pid: p for p in marked_processes(mark)})
+    procs = list(by_pid.values())
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)
@@ -171,9 +205,15 @@ def reap(mark: str, grace_s: float = 3.0) -> int:
 
 def _reaper_main(mark: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, not us
-    sys.stdin.buffer.read()  # returns at EOF: the driver closed the pipe or died
+    known: dict[int, float] = {}
+    fd = sys.stdin.fileno()
+    while True:
+        ready, _, _ = select.select([fd], [], [], REAPER_POLL_S)
+        if ready and not os.read(fd, 4096):
+            break  # EOF: the driver closed the pipe or died
+        remember_descendants(mark, known)
     time.sleep(0.5)  # a clean ray.shutdown() is already done; give stragglers a moment
-    reap(mark)
+    reap(mark, known)
     return 0
 
 

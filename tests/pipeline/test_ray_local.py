@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.ray_local import OWNER_MARK, marked_processes, reap
+from pipeline.ray_local import OWNER_MARK, marked_processes, reap, remember_descendants
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,6 +40,28 @@ def test_reap_kills_only_the_marked_processes() -> None:
     finally:
         other.kill()
         marked.kill()
+
+
+def test_reap_follows_remembered_children_that_lost_the_mark() -> None:
+    """Ray's raylet starts its agents without the mark: the reaper remembers them as children of
+    a marked process, and kills them after their parent died (re-parented to init)."""
+    parent = subprocess.Popen(
+        ["sh", "-c", f"env -u {OWNER_MARK} sleep 60 & echo $!; wait"],
+        env=_env(**{OWNER_MARK: "test-d"}), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    child = psutil.Process(int(parent.stdout.readline()))
+    try:
+        known: dict[int, float] = {}
+        remember_descendants("test-d", known)
+        assert child.pid in known and parent.pid in known
+        parent.kill()
+        parent.wait()
+        assert child.is_running() and not marked_processes("test-d")
+        assert reap("test-d", known, grace_s=2) == 1
+        assert not _wait_gone([child], 5)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def test_the_reaper_acts_when_its_driver_is_killed() -> None:

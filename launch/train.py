@@ -176,6 +176,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def cli_config(args: argparse.Namespace) -> TrainConfig:
+    """The config of a command line: --config, overrides, --run-dir; MLflow experiment by
+    default the preset's name (the dataset's name would mix `scenes` into `cityscapes`)."""
+    cfg = load_config(args.config, args.overrides)
+    if args.run_dir is not None:
+        cfg.runtime.run_dir = args.run_dir
+    if cfg.logging.experiment is None:
+        cfg.logging.experiment = cfg.name
+    return cfg
+
+
 class Interruption:
     """A signal handler for SIGINT and SIGTERM: remembers the first, ignores the rest (the
     deepspeed launcher follows Ctrl-C with SIGTERM to every rank) and raises KeyboardInterrupt
@@ -232,11 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.run_dir is not None:
-            cfg.runtime.run_dir = args.run_dir
-        if cfg.logging.experiment is None:
-            cfg.logging.experiment = cfg.name
+        cfg = cli_config(args)
         preflight(cfg, world.world_size, args.resume)
     except ConfigError as e:
         if world.is_main:  # the same refusal on every rank: say it once

@@ -101,3 +101,12 @@ def test_ctrl_c_is_one_line_naming_the_iteration_and_the_checkpoint(tmp_path: Pa
     newest = max(m.parent.name for m in (run_dir / "checkpoints").glob("iter_*/COMPLETE"))
     assert line.startswith(f"interrupted at iteration {last}; newest complete checkpoint {newest}; "
                            "rerun the same command to resume")  # fmt: skip
+
+
+def test_the_experiment_defaults_to_the_preset_name() -> None:
+    from launch.train import cli_config, parse_args
+
+    assert cli_config(parse_args(["--config", "scenes"])).logging.experiment == "scenes"
+    assert cli_config(parse_args(["--config", "voc"])).logging.experiment == "voc"
+    chosen = parse_args(["--config", "scenes", "logging.experiment=mine"])
+    assert cli_config(chosen).logging.experiment == "mine"

@@ -110,3 +110,34 @@ def test_the_experiment_defaults_to_the_preset_name() -> None:
     assert cli_config(parse_args(["--config", "voc"])).logging.experiment == "voc"
     chosen = parse_args(["--config", "scenes", "logging.experiment=mine"])
     assert cli_config(chosen).logging.experiment == "mine"
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_the_deepspeed_launcher_is_one_line_for_two_ranks(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the launcher and both ranks (one process group); the
+    launcher then sends SIGTERM to the ranks."""
+    import os
+
+    from tests.launch.train_utils import BIN, TRAIN, free_port
+
+    shards = scenes_shards(tmp_path)
+    run_dir = tmp_path / "run"
+    a = args(shards, run_dir, "schedule.iterations=500", "checkpoint.every=2", "eval.every=0")
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+           "--nodes", "1", *a]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "checkpoints" / "iter_00000002" / "COMPLETE").is_file():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
+    lines = [ln for ln in out.splitlines() if "interrupted at iteration" in ln]
+    assert len(lines) == 1, out[-4000:]
+    assert "newest complete checkpoint iter_" in lines[0]

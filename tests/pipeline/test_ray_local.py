@@ -132,3 +132,58 @@ def test_sigkill_of_a_ray_pack_leaves_no_ray_process(tmp_path: Path) -> None:
     driver.wait()
     alive = _wait_gone(list(seen.values()), 30)
     assert not alive, f"Ray processes outlived the driver: {[(p.pid, _name(p)) for p in alive]}"
+
+
+_HOLD_CLUSTER = """
+import sys, ray
+from pipeline.ray_local import start_local, stop_local
+start_local(1)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+stop_local()
+"""
+
+
+@pytest.mark.slow
+def test_joining_with_a_wrong_or_missing_token_is_one_quick_line(tmp_path: Path) -> None:
+    from pipeline.synth import generate
+
+    generate("scenes", tmp_path / "data", train=2, val=1, size=(96, 64))
+    clean = {k: v for k, v in _env().items() if not k.startswith("RAY_AUTH")}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_CLUSTER], cwd=REPO, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**clean, "HOME": str(tmp_path / "head")},
+    )  # fmt: skip
+    try:
+        address = holder.stdout.readline().strip()
+        assert address, "the private cluster did not start"
+        token = (tmp_path / "head" / ".ray" / "auth_token").read_text().strip()
+        pack = [sys.executable, "-m", "pipeline.pack", "cityscapes", "--src",
+                str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--ray-address", address]  # fmt: skip
+        for extra, why in (
+            ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32}, "was refused (wrong token)"),
+            ({}, "needs a token"),
+        ):
+            t0 = time.monotonic()
+            proc = subprocess.run(
+                pack, cwd=REPO, capture_output=True, text=True, timeout=120,
+                env={**clean, "HOME": str(tmp_path / "client"), **extra},
+            )  # fmt: skip
+            assert proc.returncode == 1, proc.stderr[-3000:]
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+            assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            assert f"the Ray cluster at {address} {why}" in errors[0]
+            assert "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<token>" in errors[0]
+            assert time.monotonic() - t0 < 20  # Ray itself retries for ~20 s before failing
+        ok = subprocess.run(
+            [sys.executable, "-c",
+             f"from pipeline.ray_local import check_cluster_access; check_cluster_access({address!r})"],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+            env={**clean, "HOME": str(tmp_path / "client"), "RAY_AUTH_MODE": "token",
+                 "RAY_AUTH_TOKEN": token},
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr[-3000:]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

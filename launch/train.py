@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import shlex
 import signal
@@ -180,8 +181,8 @@ def cli_config(args: argparse.Namespace) -> TrainConfig:
     """The config of a command line: --config, overrides, --run-dir; MLflow experiment by
     default the preset's name (the dataset's name would mix `scenes` into `cityscapes`)."""
     cfg = load_config(args.config, args.overrides)
-    if args.run_dir is not None:
-        cfg.runtime.run_dir = args.run_dir
+    if args.run_dir is not None:  # through the dataclass, so that the path is checked too
+        cfg.runtime = dataclasses.replace(cfg.runtime, run_dir=args.run_dir)
     if cfg.logging.experiment is None:
         cfg.logging.experiment = cfg.name
     return cfg

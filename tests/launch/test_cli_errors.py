@@ -141,3 +141,10 @@ def test_ctrl_c_under_the_deepspeed_launcher_is_one_line_for_two_ranks(tmp_path:
     lines = [ln for ln in out.splitlines() if "interrupted at iteration" in ln]
     assert len(lines) == 1, out[-4000:]
     assert "newest complete checkpoint iter_" in lines[0]
+
+
+def test_run_dir_flag_is_checked_like_the_config_key(capsys) -> None:
+    from launch.train import main
+
+    assert main(["--config", "scenes", "--run-dir", "/"]) == 2
+    assert capsys.readouterr().err.startswith("error: runtime.run_dir='/' (/) is a filesystem root")

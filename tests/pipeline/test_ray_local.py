@@ -162,7 +162,10 @@ def test_joining_with_a_wrong_or_missing_token_is_one_quick_line(tmp_path: Path)
         pack = [sys.executable, "-m", "pipeline.pack", "cityscapes", "--src",
                 str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--ray-address", address]  # fmt: skip
         for extra, why in (
-            ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32}, "was refused (wrong token)"),
+            (
+                {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32},
+                "refused the token given (wrong token)",
+            ),
             ({}, "needs a token"),
         ):
             t0 = time.monotonic()

@@ -125,13 +125,14 @@ def loopback_interface() -> str | None:
     return None
 
 
-def single_machine() -> bool:
-    """True when the rendezvous address is loopback: every rank runs on this machine.
+def single_machine(info: WorldInfo) -> bool:
+    """True when every rank runs on this machine: one node and a loopback rendezvous address.
 
-    MASTER_ADDR, not the node count, decides: a rank on another machine could not reach a
-    loopback address, so nothing needs to listen beyond this one.
+    Both are asked for: a rank on another machine could not reach a loopback address, and a
+    host name that resolves to 127.0.1.1 on its own machine only (Debian's /etc/hosts) must not
+    turn a multi-node run into a local one.
     """
-    return is_loopback(os.environ.get("MASTER_ADDR", LOOPBACK))
+    return info.nodes == 1 and is_loopback(os.environ.get("MASTER_ADDR", LOOPBACK))
 
 
 def keep_collectives_on_loopback() -> None:
@@ -176,8 +177,8 @@ def init_process_group(info: WorldInfo, backend: str) -> None:
     """torch.distributed for this world; on one machine the store and the collectives stay on
     loopback. A launcher that runs its own store (torchrun's agent) keeps it."""
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    if not single_machine() or agent_store:
-        if single_machine():
+    if not single_machine(info) or agent_store:
+        if single_machine(info):
             keep_collectives_on_loopback()
         torch.distributed.init_process_group(backend, timeout=STORE_TIMEOUT)
         return

@@ -237,9 +237,11 @@ request made with it says at once whether the token passed."""
 def check_cluster_access(address: str, timeout_s: float = 10.0) -> None:
     """Ask the cluster's GCS one question with this process's token.
 
-    ray.init answers a wrong or missing token with "Failed to connect" after ~20 s of retries;
-    this answers in one request, with RayJoinError saying which setting is missing. Other
-    failures are left to ray.init.
+    ray.init answers a wrong or missing token with "Failed to connect" after ~20 s of retries,
+    and an address where nothing answers with minutes of them; this answers in one request
+    (at most timeout_s), with RayJoinError saying which setting is missing or that nothing
+    answers. An address of 127.0.0.1 means this machine's network address to Ray, unless
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (how the private clusters here run).
     """
     from ray._raylet import AuthenticationTokenLoader, GcsClient
     from ray.exceptions import AuthenticationError
@@ -260,8 +262,8 @@ def check_cluster_access(address: str, timeout_s: float = 10.0) -> None:
         has_token = AuthenticationTokenLoader.instance().has_token()
         why = "refused the token given (wrong token)" if has_token else "needs a token"
         raise RayJoinError(f"the Ray cluster at {gcs} {why}. {TOKEN_HELP}") from None
-    except Exception:  # unreachable, timed out...: ray.init says it in its own words
-        return
+    except Exception as e:  # unreachable or timed out: ray.init would retry for minutes
+        raise RayJoinError(f"no Ray cluster answers at {gcs}: {_first_line(e)}") from None
 
 
 def join_cluster(address: str, **init_kwargs) -> None:

@@ -77,6 +77,7 @@ def test_global_batch_that_does_not_divide_the_world_is_refused_before_start(
         preflight(cfg, 3, "auto")
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_naming_the_iteration_and_the_checkpoint(tmp_path: Path) -> None:
     shards = scenes_shards(tmp_path)
     run_dir = tmp_path / "run"

@@ -145,8 +145,16 @@ def test_smoke_sweep_listens_on_loopback_only(tmp_path: Path) -> None:
     assert not outside, f"listening beyond loopback: {sorted(outside)}"
 
 
-def test_loopback_helpers() -> None:
+def test_loopback_helpers(monkeypatch) -> None:
+    from launch.distributed import WorldInfo, single_machine
     from launch.distributed import is_loopback as host_is_loopback
+
+    one_node = WorldInfo(0, 0, 2, 2, 1, launched=True)
+    two_nodes = WorldInfo(0, 0, 4, 2, 2, launched=True)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert single_machine(one_node) and not single_machine(two_nodes)
+    monkeypatch.setenv("MASTER_ADDR", "192.0.2.1")
+    assert not single_machine(one_node)
 
     assert host_is_loopback("127.0.0.1") and host_is_loopback("localhost")
     assert not host_is_loopback("192.0.2.1") and not host_is_loopback("no-such-host.invalid")

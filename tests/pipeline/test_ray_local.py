@@ -13,7 +13,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.ray_local import OWNER_MARK, marked_processes, reap, remember_descendants
+from pipeline.ray_local import (
+    LOOPBACK_SWITCH,
+    OWNER_MARK,
+    marked_processes,
+    reap,
+    remember_descendants,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,6 +28,14 @@ def _env(**extra: str) -> dict[str, str]:
     e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     e.update(extra)
     return e
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
@@ -150,6 +164,7 @@ def test_joining_with_a_wrong_or_missing_token_is_one_quick_line(tmp_path: Path)
 
     generate("scenes", tmp_path / "data", train=2, val=1, size=(96, 64))
     clean = {k: v for k, v in _env().items() if not k.startswith("RAY_AUTH")}
+    clean[LOOPBACK_SWITCH] = "0"  # else Ray reads 127.0.0.1 as this machine's network address
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLD_CLUSTER], cwd=REPO, stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -179,6 +194,14 @@ def test_joining_with_a_wrong_or_missing_token_is_one_quick_line(tmp_path: Path)
             assert f"the Ray cluster at {address} {why}" in errors[0]
             assert "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<token>" in errors[0]
             assert time.monotonic() - t0 < 20  # Ray itself retries for ~20 s before failing
+        t0 = time.monotonic()
+        nobody = subprocess.run(
+            [*pack[:-1], f"127.0.0.1:{_free_port()}"], cwd=REPO, capture_output=True, text=True,
+            timeout=120, env={**clean, "HOME": str(tmp_path / "client")},
+        )  # fmt: skip
+        assert nobody.returncode == 1 and "Traceback" not in nobody.stderr, nobody.stderr[-3000:]
+        assert "error: no Ray cluster answers at 127.0.0.1:" in nobody.stderr
+        assert time.monotonic() - t0 < 40
         ok = subprocess.run(
             [sys.executable, "-c",
              f"from pipeline.ray_local import check_cluster_access; check_cluster_access({address!r})"],

@@ -186,7 +186,7 @@ def test_poly_schedule_with_warmup() -> None:
         ("runtime.run_dir=/", "runtime.run_dir"),
         ("runtime.run_dir=/tmp", "runtime.run_dir"),
         ("runtime.run_dir=/usr/", "runtime.run_dir"),
-        ("runtime.run_dir=~", "runtime.run_dir"),
+        ("runtime.run_dir=~/", "runtime.run_dir"),
         ("data.global_batch_size=6", "data.global_batch_size"),
     ],
 )

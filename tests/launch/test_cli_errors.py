@@ -116,7 +116,7 @@ def test_the_experiment_defaults_to_the_preset_name() -> None:
 @pytest.mark.slow
 def test_ctrl_c_under_the_deepspeed_launcher_is_one_line_for_two_ranks(tmp_path: Path) -> None:
     """A terminal's Ctrl-C reaches the launcher and both ranks (one process group); the
-    launcher then sends SIGTERM to the ranks."""
+    per-node launcher then sends SIGTERM to the ranks."""
     import os
 
     from tests.launch.train_utils import BIN, TRAIN, free_port
@@ -138,7 +138,12 @@ def test_ctrl_c_under_the_deepspeed_launcher_is_one_line_for_two_ranks(tmp_path:
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
+    # No rank prints a traceback; the `deepspeed` runner itself prints one of its own
+    # (KeyboardInterrupt in deepspeed/launcher/runner.py), which is not this program's.
+    tracebacks = out.split("Traceback (most recent call last):")[1:]
+    assert all("deepspeed/launcher/runner.py" in t and "launch/train" not in t
+               for t in tracebacks), out[-4000:]  # fmt: skip
+    assert len(tracebacks) <= 1, out[-4000:]
     lines = [ln for ln in out.splitlines() if "interrupted at iteration" in ln]
     assert len(lines) == 1, out[-4000:]
     assert "newest complete checkpoint iter_" in lines[0]

@@ -340,16 +340,12 @@ def ray_session(workers: int, ray_address: str | None):
             join_cluster(ray_address, logging_level=logging.WARNING)
         except RayJoinError as e:
             raise PackError(str(e)) from None
-        try:
-            yield
-        finally:
-            ray.shutdown()
-        return
-    start_local(workers, logging_level=logging.WARNING)
+    else:
+        start_local(workers, logging_level=logging.WARNING)
     try:
         yield
     finally:
-        stop_local()
+        stop_local()  # ray.shutdown(), and the reaper of a private cluster
 
 
 def _run_on_ray(tasks, workers: int, ray_address: str | None, bar) -> list[ShardResult]:

@@ -80,7 +80,7 @@ def start_local(num_cpus: int, **init_kwargs) -> None:
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     os.environ.update({LOOPBACK_SWITCH: "0", OWNER_MARK: mark})
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import: this process may have it
+    ray_constants.ENABLE_RAY_CLUSTER = False  # Ray read the switch at import: set its copy too
     try:
         # address="local": never attach to a cluster named by a leftover
         # /tmp/ray/ray_current_cluster from an earlier `ray start`.

@@ -201,11 +201,11 @@ class Interruption:
             signal.signal(sig, self)
 
     def __call__(self, signum: int, frame: object) -> None:
+        # Later signals return here. (Switching to SIG_IGN instead would make Python raise
+        # "Signal 15 ignored due to race condition" for one already pending.)
         if self.signum is not None:
             return
         self.signum = signum
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
 

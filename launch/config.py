@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -51,9 +53,62 @@ def _require_int(where: str, value: object, minimum: int) -> None:
 
 
 def _require_num(where: str, value: object) -> float:
-    """A number >= 0, returned as a float."""
-    _require(_is_num(value) and value >= 0, f"{where} must be a number >= 0, got {value!r}")
+    """A finite number >= 0, returned as a float."""
+    return _require_range(where, value, 0.0)
+
+
+def _require_range(
+    where: str,
+    value: object,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
+    """A finite number in [lo, hi] (either end open or absent), returned as a float.
+
+    inf and nan are refused everywhere: an infinite LR or loss weight trains nonsense, and an
+    infinite evaluation scale only fails after the whole training.
+    """
+    interval = (
+        ("(" if lo_open else "[")
+        + ("-inf" if lo is None else f"{lo:g}")
+        + ", "
+        + ("inf" if hi is None else f"{hi:g}")
+        + (")" if hi_open or hi is None else "]")
+    )
+    ok = _is_num(value) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    _require(ok, f"{where} must be a finite number in {interval}, got {value!r}")
     return float(value)
+
+
+MIN_GRID = 4
+"""Crops must give a feature grid of at least MIN_GRID x MIN_GRID at the output stride: the
+ASPP's dilated 3x3 convs and the class graphs see nothing but padding below that."""
+
+_DANGEROUS_RUN_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/sys",
+                       "/usr", "/var")  # fmt: skip
+
+
+def _check_run_dir(run_dir: object) -> None:
+    """runtime.run_dir must not be a filesystem root, a top-level directory or the home
+    directory: checkpoint rotation and log trimming delete files under it."""
+    _require(
+        isinstance(run_dir, str) and run_dir.strip() != "",
+        f"runtime.run_dir must be a path, got {run_dir!r}",
+    )
+    resolved = Path(os.path.abspath(os.path.expanduser(run_dir)))
+    home = Path(os.path.abspath(os.path.expanduser("~")))
+    _require(
+        str(resolved) not in _DANGEROUS_RUN_DIRS and len(resolved.parts) > 2 and resolved != home,
+        f"runtime.run_dir={run_dir!r} ({resolved}) is a filesystem root, a top-level directory "
+        "or the home directory; give a folder of its own (e.g. runs/NAME)",
+    )
 
 
 @dataclass
@@ -88,9 +143,20 @@ class DataConfig:
             or (_is_int(self.global_batch_size) and self.global_batch_size >= 1),
             f"data.global_batch_size must be null or an int >= 1, got {self.global_batch_size!r}",
         )
+        if _is_int(self.global_batch_size):
+            _require(
+                self.global_batch_size % self.batch_size == 0,
+                f"data.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"data.batch_size={self.batch_size}",
+            )
         _require_int("data.num_workers", self.num_workers, 0)
-        lo, hi = self.scale_range if len(self.scale_range) == 2 else (0.0, -1.0)
-        _require(0 < lo <= hi, f"data.scale_range must be (lo, hi) with 0 < lo <= hi, got {lo, hi}")
+        _require(
+            len(self.scale_range) == 2,
+            f"data.scale_range must be (lo, hi), got {self.scale_range!r}",
+        )
+        lo, hi = self.scale_range
+        _require_range("data.scale_range[0]", lo, 0.0, lo_open=True)
+        _require_range("data.scale_range[1]", hi, lo)
         _require(
             self.on_corrupt in ("raise", "skip"),
             f"data.on_corrupt must be 'raise' or 'skip', got {self.on_corrupt!r}",
@@ -111,9 +177,13 @@ class OptimConfig:
     """Max gradient norm; 0 disables clipping (written explicitly into the DeepSpeed config)."""
 
     def __post_init__(self) -> None:
-        for name in ("lr", "momentum", "weight_decay", "head_lr_mult", "grad_clip"):
-            setattr(self, name, _require_num(f"optim.{name}", getattr(self, name)))
-        _require(self.lr > 0, "optim.lr must be > 0")
+        self.lr = _require_range("optim.lr", self.lr, 0.0, lo_open=True)
+        self.momentum = _require_range("optim.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        self.weight_decay = _require_num("optim.weight_decay", self.weight_decay)
+        self.head_lr_mult = _require_range(
+            "optim.head_lr_mult", self.head_lr_mult, 0.0, lo_open=True
+        )
+        self.grad_clip = _require_num("optim.grad_clip", self.grad_clip)
 
 
 @dataclass
@@ -127,8 +197,17 @@ class LossConfig:
     ohem_min_kept: int = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "gamma", "ohem_thresh"):
+        for name in ("alpha", "beta", "gamma"):
             setattr(self, name, _require_num(f"loss.{name}", getattr(self, name)))
+        _require(
+            self.alpha + self.beta + self.gamma > 0,
+            "loss.alpha, loss.beta and loss.gamma are all 0: nothing would be learned",
+        )
+        # OHEM keeps pixels whose true-class probability is below the threshold: above 1 it
+        # keeps every pixel, at 0 none.
+        self.ohem_thresh = _require_range(
+            "loss.ohem_thresh", self.ohem_thresh, 0.0, 1.0, lo_open=True
+        )
         _require_int("loss.ohem_min_kept", self.ohem_min_kept, 0)
 
 
@@ -149,11 +228,9 @@ class ScheduleConfig:
             _is_int(self.warmup_iters) and 0 <= self.warmup_iters < self.iterations,
             f"schedule.warmup_iters must be an int in [0, iterations), got {self.warmup_iters!r}",
         )
-        _require(
-            _is_num(self.warmup_factor) and 0 < self.warmup_factor <= 1,
-            f"schedule.warmup_factor must be in (0, 1], got {self.warmup_factor!r}",
+        self.warmup_factor = _require_range(
+            "schedule.warmup_factor", self.warmup_factor, 0.0, 1.0, lo_open=True
         )
-        self.warmup_factor = float(self.warmup_factor)
 
 
 @dataclass
@@ -178,10 +255,9 @@ class EvalConfig:
         )
         _require_int("eval.crop", self.crop, 8)
         _require_int("eval.stride", self.stride, 1)
-        _require(
-            len(self.scales) > 0 and all(s > 0 for s in self.scales),
-            f"eval.scales must be positive numbers, got {self.scales!r}",
-        )
+        _require(len(self.scales) > 0, "eval.scales must hold at least one scale")
+        for i, s in enumerate(self.scales):
+            _require_range(f"eval.scales[{i}]", s, 0.0, lo_open=True)
         _require_int("eval.every", self.every, 0)
         _require_int("eval.num_pictures", self.num_pictures, 0)
 
@@ -235,9 +311,7 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         self.inject_nonfinite_at = tuple(int(i) for i in self.inject_nonfinite_at)
-        _require(
-            isinstance(self.run_dir, str) and self.run_dir != "", "runtime.run_dir must be a path"
-        )
+        _check_run_dir(self.run_dir)
         _require(_is_int(self.seed), f"runtime.seed must be an int, got {self.seed!r}")
         _require(
             self.precision in PRECISIONS,
@@ -304,6 +378,17 @@ class TrainConfig:
             self.dataset in DATASETS,
             f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}",
         )
+        self._check_crops()
+
+    def _check_crops(self) -> None:
+        """Training and sliding-window crops span at least MIN_GRID feature cells."""
+        least = MIN_GRID * self.model.output_stride
+        for key, crop in (("data.crop_size", self.data.crop_size), ("eval.crop", self.eval.crop)):
+            _require(
+                crop >= least,
+                f"{key}={crop} gives a feature grid under {MIN_GRID}x{MIN_GRID} at "
+                f"model.output_stride={self.model.output_stride}; use at least {least}",
+            )
 
 
 # ---------------------------------------------------------------- presets (paper section 4.2)

@@ -9,6 +9,8 @@ Plain `python launch/train.py` has none of them and runs as a world of one.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import socket
 import warnings
@@ -100,8 +102,100 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LOOPBACK = "127.0.0.1"
+STORE_TIMEOUT = datetime.timedelta(minutes=30)
+"""How long ranks wait for each other at start-up (torch's default for gloo)."""
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` (a name or an address) resolves to a loopback address."""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def loopback_interface() -> str | None:
+    """The name of the interface that carries 127.0.0.1 ("lo" on Linux), if any."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == LOOPBACK for a in addrs):
+            return name
+    return None
+
+
+def single_machine(info: WorldInfo) -> bool:
+    """True when every rank runs on this machine: one node and a loopback rendezvous address.
+
+    Both are asked for: a rank on another machine could not reach a loopback address, and a
+    host name that resolves to 127.0.1.1 on its own machine only (Debian's /etc/hosts) must not
+    turn a multi-node run into a local one.
+    """
+    return info.nodes == 1 and is_loopback(os.environ.get("MASTER_ADDR", LOOPBACK))
+
+
+def keep_collectives_on_loopback() -> None:
+    """Make gloo and NCCL open their sockets on the loopback interface (unless the user chose)."""
+    name = loopback_interface()
+    if name is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+
+
+def loopback_store(info: WorldInfo, timeout: datetime.timedelta = STORE_TIMEOUT):
+    """The rendezvous TCPStore of a one-machine world, listening on 127.0.0.1 only.
+
+    torch's own store (init_method env://) listens on every interface whatever MASTER_ADDR says,
+    and anyone who reaches it can read and set keys. Rank 0 binds the socket itself and hands
+    it to the store.
+    """
+    port = int(os.environ["MASTER_PORT"])
+    if not info.is_main:
+        return torch.distributed.TCPStore(
+            LOOPBACK, port, info.world_size, is_master=False, timeout=timeout
+        )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((LOOPBACK, port))
+        sock.listen(max(128, info.world_size))
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {LOOPBACK}:{port} (MASTER_PORT): {e}") from None
+    return torch.distributed.TCPStore(
+        LOOPBACK,
+        port,
+        info.world_size,
+        is_master=True,
+        timeout=timeout,
+        master_listen_fd=sock.detach(),  # the store owns the socket from here on
+    )
+
+
+def init_process_group(info: WorldInfo, backend: str) -> None:
+    """torch.distributed for this world; on one machine the store and the collectives stay on
+    loopback. A launcher that runs its own store (torchrun's agent) keeps it."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    if not single_machine(info) or agent_store:
+        if single_machine(info):
+            keep_collectives_on_loopback()
+        torch.distributed.init_process_group(backend, timeout=STORE_TIMEOUT)
+        return
+    keep_collectives_on_loopback()
+    store = loopback_store(info)
+    torch.distributed.init_process_group(
+        backend,
+        store=store,
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=STORE_TIMEOUT,
+    )
+
+
 def init_distributed(info: WorldInfo, *, cpu_shm_comm: bool = False) -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPUs); idempotent.
+    """Initialise torch.distributed (gloo on CPU, nccl on GPUs) and hand it to DeepSpeed;
+    idempotent.
 
     A process group made by someone else (e.g. Ray Train) is adopted as it is.
     """
@@ -114,26 +208,26 @@ def init_distributed(info: WorldInfo, *, cpu_shm_comm: bool = False) -> None:
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
         deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-    if torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
-        return
-    if not info.launched:
-        # A world of one: DeepSpeed still wants a process group.
-        os.environ.update(
-            {
-                "RANK": "0",
-                "LOCAL_RANK": "0",
-                "WORLD_SIZE": "1",
-                "LOCAL_WORLD_SIZE": "1",
-                "MASTER_ADDR": "127.0.0.1",
-            }
-        )
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if device_type() == "cuda":
-        torch.cuda.set_device(info.local_rank)
-    deepspeed.init_distributed(
-        dist_backend="nccl" if device_type() == "cuda" else "gloo", verbose=False
-    )
+    backend = "nccl" if device_type() == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        if not info.launched:
+            # A world of one: DeepSpeed still wants a process group.
+            os.environ.update(
+                {
+                    "RANK": "0",
+                    "LOCAL_RANK": "0",
+                    "WORLD_SIZE": "1",
+                    "LOCAL_WORLD_SIZE": "1",
+                    "MASTER_ADDR": LOOPBACK,
+                }
+            )
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if device_type() == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        # DeepSpeed's init would create the group through env://, whose store listens on
+        # every interface: make it here and let DeepSpeed adopt it.
+        init_process_group(info, backend)
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
 
 
 # ---------------------------------------------------------------- SyncBatchNorm on CPU

@@ -102,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if world.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        from launch.distributed import init_process_group
+
+        init_process_group(world, "nccl" if device.type == "cuda" else "gloo")
     try:
         return _evaluate(args, cfg, spec, model.to(device), iteration, world, device)
     finally:
@@ -111,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args, cfg, spec, model, iteration, world, device) -> int:
-    from launch.evaluation import evaluate_run
+    from launch.evaluation import LabelError, evaluate_run
     from launch.tracking import Tracker, iou_table_markdown
     from pipeline.reader import EvalStream
 
@@ -127,7 +129,11 @@ def _evaluate(args, cfg, spec, model, iteration, world, device) -> int:
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {split_dir}: cannot read the evaluation split: {e}", file=sys.stderr)
         return 2
-    cm = evaluate_run(model, stream, cfg, spec.num_classes, device, not args.no_progress)
+    try:
+        cm = evaluate_run(model, stream, cfg, spec.num_classes, device, not args.no_progress)
+    except LabelError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     if not world.is_main:
         return 0
     step = iteration or 0

@@ -1,8 +1,16 @@
-"""Evaluation over an EvalStream: confusion matrix, all-reduced across ranks."""
+"""Evaluation over an EvalStream: confusion matrix, all-reduced across ranks.
+
+Multi-scale, flipped, sliding-window inference multiplies the passes per image (6 scales x 2
+flips x several windows); on a CPU that is minutes per image. The progress bar counts images
+with an ETA, and once the first image is done a long expected time is said in one warning.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,7 +20,48 @@ from torch import nn
 from tqdm import tqdm
 
 from cdgcnet.inference import predict_logits
+from cdgcnet.losses import validate_labels
 from cdgcnet.metrics import ConfusionMatrix
+
+LONG_EVAL_S = 600.0
+"""Expected evaluation times above this get a warning (after the first image)."""
+
+
+class LabelError(ValueError):
+    """An evaluation label holds ids outside the label set; the message names shard and key."""
+
+
+def _shard_of(stream: object, key: str) -> str:
+    """The shard that holds `key`, from an EvalStream's manifest (else the stream's name)."""
+    manifest = getattr(stream, "manifest", None)
+    folder = Path(getattr(stream, "split_dir", "."))
+    for shard in (manifest or {}).get("shards", ()):
+        if key in shard.get("keys", ()):
+            return str(folder / shard["name"])
+    return str(getattr(stream, "split_dir", "evaluation stream"))
+
+
+def _plan(mode: str, scales: Sequence[float], flip: bool, crop, stride) -> str:
+    passes = f"{len(scales)} scale(s){' x 2 flips' if flip else ''}"
+    return passes + (f", sliding {crop} px windows every {stride} px" if mode == "slide" else "")
+
+
+def _warn_if_long(first_s: float, total: int, device: torch.device, plan: str,
+                  warn_after_s: float) -> None:  # fmt: skip
+    expected = first_s * total
+    if expected <= warn_after_s:
+        return
+    hint = (
+        "a GPU, or fewer of --ms / --flip / --sliding" if device.type == "cpu" else "fewer passes"
+    )
+    print(
+        f"warning: evaluation will take about {expected / 60:.0f} min on "
+        f"{device.type.upper()} ({total} image(s), {first_s:.0f} s for the first: {plan}); "
+        f"for a quicker check use {hint}",
+        file=sys.stderr,
+        flush=True,
+    )
+
 
 if TYPE_CHECKING:
     from launch.config import TrainConfig
@@ -32,13 +81,15 @@ def evaluate(
     device: torch.device | str | None = None,
     progress: bool = True,
     ignore_index: int = 255,
+    warn_after_s: float = LONG_EVAL_S,
 ) -> ConfusionMatrix:
     """Predict every sample of the stream and accumulate a (M, M) confusion matrix.
 
     Samples are EvalStream dicts {"image" (1,3,H,W), "label" (1,H,W), ...}. Predictions are
     argmax'ed at label resolution. When torch.distributed is initialised the matrices of all
     ranks are summed (each rank must see its own disjoint share of the samples). The model is
-    put in eval mode and its previous mode restored afterwards.
+    put in eval mode and its previous mode restored afterwards. A label outside the label set
+    raises LabelError naming the shard and key.
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"evaluate: mode must be 'whole' or 'slide', got {mode!r}")
@@ -51,13 +102,21 @@ def evaluate(
     rank = dist.get_rank() if distributed else 0
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
     total = len(stream) if hasattr(stream, "__len__") else None
-    bar = tqdm(stream, total=total, desc="eval", disable=not (progress and rank == 0), leave=False)
+    plan = _plan(mode, scales, flip, crop, stride)
+    show = progress and rank == 0
+    bar = tqdm(stream, total=total, desc=f"eval ({plan})", disable=not show, leave=False)
     was_training = model.training
     model.eval()
     try:
-        for sample in bar:
+        for i, sample in enumerate(bar):
+            t0 = time.perf_counter()
             image = sample["image"].to(device, non_blocking=True)  # (1, 3, H, W)
             label = sample["label"]  # (1, H, W) int64
+            try:
+                validate_labels(label, num_classes, ignore_index)
+            except ValueError as e:
+                key = sample.get("key")
+                raise LabelError(f"{_shard_of(stream, key)}: sample {key}: {e}") from None
             kwargs = {"mode": mode, "scales": tuple(scales), "flip": flip}
             if mode == "slide":
                 kwargs.update(crop=crop, stride=stride)
@@ -68,6 +127,8 @@ def evaluate(
                 )
             pred = logits.argmax(1).cpu()  # (1, H, W)
             cm.update(pred, label.cpu().long())
+            if i == 0 and rank == 0 and total:
+                _warn_if_long(time.perf_counter() - t0, total, device, plan, warn_after_s)
     finally:
         model.train(was_training)
     if distributed:

@@ -129,7 +129,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--images", required=True, help="folder of .png/.jpg images (recursive)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", choices=FORMATS, default="overlay")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="overlay",
+        help="overlay (default): NAME_color.png (mask in the dataset palette) and "
+        "NAME_overlay.png (over the image); palette: NAME.png, a P-mode PNG of train ids (the "
+        "VOC submission format); cityscapes-ids: NAME.png of Cityscapes label ids in one flat "
+        "folder (the cityscapesScripts / benchmark format). NAME is the input's path under "
+        "--images without its suffix",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.split = None

@@ -11,12 +11,16 @@ In-process (the sweeps): `launch.train.run(cfg, on_eval=..., resume="auto") -> d
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
+import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
-    from pathlib import Path
-
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.config import PRESETS, ConfigError, TrainConfig, load_config
@@ -39,7 +43,95 @@ work and says how to give a hostfile (see launch/README.md).
 
 resume: auto (newest complete checkpoint of --run-dir, else start fresh), none, or a checkpoint
 directory. Resuming on another world size converts the checkpoint to DeepSpeed's universal form.
+
+MLflow: runs go to the experiment logging.experiment, by default the preset's name (`scenes`
+runs do not land among the `cityscapes` ones).
+
+Ctrl-C (or SIGTERM) stops every rank; the program says at which iteration and which checkpoint
+a rerun of the same command resumes from, and exits with status 130.
 """
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _packer_name(cfg: TrainConfig) -> str:
+    """The pipeline.pack dataset argument for this config's label set."""
+    from pipeline.sources import SOURCES
+
+    if cfg.name in SOURCES:
+        return cfg.name
+    return cfg.dataset if cfg.dataset in SOURCES else f"{cfg.dataset}164k"
+
+
+def _raw_layout(root: Path) -> str | None:
+    """The packer whose original layout `root` holds (a raw, unpacked dataset), else None."""
+    from pipeline.sources import SOURCES, SourceError
+
+    for name, source in SOURCES.items():
+        for split in source.splits:
+            try:
+                if source.list_split(root, split):
+                    return name
+            except (SourceError, OSError, ValueError):
+                continue
+    return None
+
+
+def check_data_root(cfg: TrainConfig) -> None:
+    """ConfigError (one line) unless data.root holds packed train and val splits.
+
+    Says whether the folder is missing, holds a raw dataset or is otherwise unpacked, and gives
+    the pipeline.pack command to run. Cheap: only manifests are looked at on the normal path.
+    """
+    from pipeline.manifest import MANIFEST_NAME
+
+    root = Path(cfg.data.root)
+    splits = (cfg.data.train_split, cfg.data.val_split)
+    missing = [s for s in splits if not (root / s / MANIFEST_NAME).is_file()]
+    if not missing:
+        return
+    packer = _packer_name(cfg)
+    name = [] if cfg.name == packer else ["--name", cfg.name]
+    if not root.exists():
+        state = "does not exist"
+        src = f"/data/{packer}"
+    elif (raw := _raw_layout(root)) is not None:
+        state = f"holds a raw {raw} dataset, not packed shards"
+        packer, src = raw, str(root)
+        root = Path("shards") / (cfg.name if name else raw)
+    else:
+        state = f"is not packed (no {'/'.join(missing)}/{MANIFEST_NAME})"
+        src = f"/data/{packer}"
+    command = shlex.join(
+        ["python", "-m", "pipeline.pack", packer, "--src", src, "--out", str(root), *name]
+    )
+    raise ConfigError(
+        f"data.root={cfg.data.root}: {state}; pack it with `{command}` and pass data.root={root}"
+    )
+
+
+def check_resume(cfg: TrainConfig, resume: str) -> None:
+    """ConfigError (one line) when --resume names a path that is not a checkpoint."""
+    if resume in ("auto", "none"):
+        return
+    from launch.checkpoint import CheckpointError, CheckpointManager
+
+    if not Path(resume).exists():
+        raise ConfigError(f"--resume {resume}: no such file or directory")
+    try:
+        CheckpointManager(cfg.runtime.run_dir, cfg.checkpoint.keep).resolve(resume)
+    except CheckpointError as e:
+        raise ConfigError(f"--resume {resume}: {e}") from None
+
+
+def preflight(cfg: TrainConfig, world_size: int, resume: str) -> None:
+    """Everything that can be refused before DeepSpeed starts, each as one ConfigError."""
+    from launch.ds_config import accumulation_steps
+
+    check_data_root(cfg)
+    check_resume(cfg, resume)
+    accumulation_steps(cfg, world_size)  # the global batch must divide over this world
 
 
 def run(
@@ -54,6 +146,7 @@ def run(
     called on rank 0 after each evaluation."""
     world = world_from_env()
     check_nodes(nodes, world)
+    preflight(cfg, world.world_size, resume)
     prepare_accelerator()
     init_distributed(world, cpu_shm_comm=cfg.runtime.cpu_shm_comm)
     from launch.trainer import Trainer
@@ -84,6 +177,64 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def cli_config(args: argparse.Namespace) -> TrainConfig:
+    """The config of a command line: --config, overrides, --run-dir; MLflow experiment by
+    default the preset's name (the dataset's name would mix `scenes` into `cityscapes`)."""
+    cfg = load_config(args.config, args.overrides)
+    if args.run_dir is not None:  # through the dataclass, so that the path is checked too
+        cfg.runtime = dataclasses.replace(cfg.runtime, run_dir=args.run_dir)
+    if cfg.logging.experiment is None:
+        cfg.logging.experiment = cfg.name
+    return cfg
+
+
+class Interruption:
+    """A signal handler for SIGINT and SIGTERM: remembers the first, ignores the rest (the
+    deepspeed launcher follows Ctrl-C with SIGTERM to every rank) and raises KeyboardInterrupt
+    once, so that the trainer ends its MLflow run and engine on the way out."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+    def __call__(self, signum: int, frame: object) -> None:
+        # Later signals return here. (Switching to SIG_IGN instead would make Python raise
+        # "Signal 15 ignored due to race condition" for one already pending.)
+        if self.signum is not None:
+            return
+        self.signum = signum
+        raise KeyboardInterrupt
+
+
+def interrupted_message(cfg: TrainConfig) -> str:
+    """One line: the last finished iteration, the checkpoint a rerun resumes from."""
+    from launch.checkpoint import CheckpointManager
+
+    run_dir = Path(cfg.runtime.run_dir)
+    iteration = 0
+    log = run_dir / "metrics.jsonl"
+    if log.is_file():
+        lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+        with contextlib.suppress(ValueError, KeyError):
+            iteration = int(json.loads(lines[-1])["iteration"]) if lines else 0
+    try:
+        newest = CheckpointManager(run_dir, cfg.checkpoint.keep).resolve("auto")
+    except Exception:  # a damaged checkpoint must not hide the message
+        newest = None
+    where = (
+        f"newest complete checkpoint {newest.tag}"
+        if newest is not None
+        else "no complete checkpoint yet (a rerun starts from iteration 0)"
+    )
+    return (
+        f"interrupted at iteration {iteration}; {where}; rerun the same command to resume "
+        f"(run dir {run_dir})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     world = world_from_env()
@@ -91,15 +242,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_nodes(args.nodes, world)  # before any work, even config loading
     except NodeCountError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_USAGE
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.run_dir is not None:
-            cfg.runtime.run_dir = args.run_dir
+        cfg = cli_config(args)
+        preflight(cfg, world.world_size, args.resume)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    result = run(cfg, resume=args.resume, nodes=args.nodes)
+        if world.is_main:  # the same refusal on every rank: say it once
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    interruption = Interruption()
+    interruption.install()
+    try:
+        result = run(cfg, resume=args.resume, nodes=args.nodes)
+    except BaseException as e:
+        # After Ctrl-C, whatever a rank meets on the way out (a peer's closed socket, a killed
+        # loader worker) is part of the interruption, not a new error.
+        if interruption.signum is None and not isinstance(e, KeyboardInterrupt):
+            raise
+        if world.is_main:
+            print(interrupted_message(cfg), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if world.is_main:
         print(f"val mIoU: {result['miou']:.4f} (iteration {result['iteration']})", flush=True)
     return 0

@@ -343,35 +343,26 @@ def ray_session(workers: int, ray_address: str | None):
     """Connect to Ray for the duration (shared by all splits), unless already connected.
 
     Without an address a private local Ray is started with `workers` CPUs, no dashboard,
-    bound to the loopback interface.
+    bound to the loopback interface (pipeline.ray_local).
     """
     import ray
+
+    from pipeline.ray_local import RayJoinError, join_cluster, start_local, stop_local
 
     if ray.is_initialized():
         yield
         return
     if ray_address:
         try:
-            ray.init(address=ray_address, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PackError(
-                f"cannot connect to the Ray cluster at {ray_address}: {reason}"
-            ) from None
+            join_cluster(ray_address, logging_level=logging.WARNING)
+        except RayJoinError as e:
+            raise PackError(str(e)) from None
     else:
-        # address="local": never attach to a cluster named by a leftover
-        # /tmp/ray/ray_current_cluster from an earlier `ray start`.
-        ray.init(
-            address="local",
-            num_cpus=workers,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
-        )
+        start_local(workers, logging_level=logging.WARNING)
     try:
         yield
     finally:
-        ray.shutdown()
+        stop_local()  # ray.shutdown(), and the reaper of a private cluster
 
 
 def _run_on_ray(tasks, workers: int, ray_address: str | None, bar) -> list[ShardResult]:
@@ -627,7 +618,11 @@ examples:
         "--workers", type=int, default=os.cpu_count() or 1,
         help=f"shards packed in parallel on Ray (jobs under {SMALL_JOB} samples run in-process)",
     )  # fmt: skip
-    p.add_argument("--ray-address", help="an existing Ray cluster (paths must be shared)")
+    p.add_argument(
+        "--ray-address",
+        help="an existing Ray cluster (paths must be shared; it needs the cluster's token: "
+        "RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...)",
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip bad files, recording them")
     p.add_argument("--name", help="dataset name in the manifest and shard names (default: dataset)")
     add_limit_args(p)

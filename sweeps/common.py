@@ -151,18 +151,13 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     # Ray gives each trial OMP_NUM_THREADS = its CPUs; a value set here (tests) wins.
     threads = os.environ.get("OMP_NUM_THREADS")
     runtime_env = {"env_vars": {"OMP_NUM_THREADS": threads}} if threads else None
+    from pipeline.ray_local import join_cluster, start_local
+
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        join_cluster(address, runtime_env=runtime_env)
         return
-    ray.init(
-        # "local": a new instance even when another Ray runs on this machine (without it, Ray
-        # would join the most recently started one).
-        address="local",
-        num_cpus=num_cpus or os.cpu_count() or 1,
-        include_dashboard=False,
-        runtime_env=runtime_env,
-        log_to_driver=True,
-    )
+    # A new private cluster on loopback even when another Ray runs on this machine.
+    start_local(num_cpus or os.cpu_count() or 1, runtime_env=runtime_env, log_to_driver=True)
 
 
 def check_tracking_reach(address: str | None, tracking_uri: str | None) -> None:
@@ -224,7 +219,12 @@ def add_common_args(p: argparse.ArgumentParser, *, storage: str, smoke_help: str
         help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
     )
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the dataset)")
-    p.add_argument("--address", default=None, help="Ray cluster: auto or ray://HOST:PORT")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="join a Ray cluster (auto, HOST:PORT or ray://HOST:PORT; it needs the cluster's "
+        "token: RAY_AUTH_MODE=token RAY_AUTH_TOKEN=... ); default: a private Ray on 127.0.0.1",
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray size (default: all)")
     p.add_argument(
         "--gpus-per-trial",
@@ -241,6 +241,8 @@ def add_common_args(p: argparse.ArgumentParser, *, storage: str, smoke_help: str
     p.add_argument(
         "--cpus-per-trial", type=float, default=None, help="default: 1 with --smoke, else 4"
     )
-    p.add_argument("--max-failures", type=int, default=2, help="retries per training run")
+    p.add_argument(
+        "--max-failures", type=int, default=2, help="retries per training run (default 2)"
+    )
     p.add_argument("--storage", default=storage, help="Tune results and trial run dirs")
     p.add_argument("overrides", nargs="*", help="config overrides key=value for every run")

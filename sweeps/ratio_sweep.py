@@ -93,7 +93,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         smoke_help="CPU smoke run: scenes dataset, tiny model, a few iterations, 2 trials",
     )
     p.add_argument("--num-samples", type=int, default=1, help="draws per grid cell")
-    p.add_argument("--search", choices=("grid", "random"), default="grid")
+    p.add_argument(
+        "--search",
+        choices=("grid", "random"),
+        default="grid",
+        help="grid: every ratio x fusion, the loss weights drawn (--num-samples draws per "
+        "cell); random: ratio, fusion and loss weights all drawn (--num-samples trials); "
+        "default grid",
+    )
     p.add_argument(
         "--ratios",
         type=float,
@@ -123,7 +130,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-early-stop", action="store_true", help="no ASHA: every trial trains to the end"
     )
-    p.add_argument("--max-concurrent", type=int, default=None)
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials running at once (default: as many as the CPUs/GPUs per trial allow)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     args = p.parse_args(argv)  # fmt: skip
     if args.num_samples < 1:

@@ -164,3 +164,55 @@ def test_poly_schedule_with_warmup() -> None:
     assert poly_lr_factor(10, cfg) == pytest.approx(0.9**0.9)
     assert poly_lr_factor(50, cfg) == pytest.approx(0.5**0.9)
     assert poly_lr_factor(99, cfg) == pytest.approx(0.01**0.9)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("optim.weight_decay=.inf", "optim.weight_decay"),
+        ("optim.momentum=5", "optim.momentum"),
+        ("optim.momentum=1", "optim.momentum"),
+        ("optim.head_lr_mult=0", "optim.head_lr_mult"),
+        ("optim.grad_clip=.inf", "optim.grad_clip"),
+        ("loss.alpha=.inf", "loss.alpha"),
+        ("loss.beta=-1", "loss.beta"),
+        ("loss.gamma=.nan", "loss.gamma"),
+        ("loss.ohem_thresh=5", "loss.ohem_thresh"),
+        ("loss.ohem_thresh=0", "loss.ohem_thresh"),
+        ("schedule.power=.inf", "schedule.power"),
+        ("schedule.warmup_factor=.nan", "schedule.warmup_factor"),
+        ("eval.scales=[.inf]", "eval.scales[0]"),
+        ("eval.scales=[1.0, 0]", "eval.scales[1]"),
+        ("data.scale_range=[0.5, .inf]", "data.scale_range[1]"),
+        ("data.scale_range=[-.inf, 1]", "data.scale_range[0]"),
+        ("data.scale_range=[2, 1]", "data.scale_range[1]"),
+        ("data.crop_size=16", "data.crop_size"),
+        ("eval.crop=24", "eval.crop"),
+        ("runtime.run_dir=/", "runtime.run_dir"),
+        ("runtime.run_dir=/tmp", "runtime.run_dir"),
+        ("runtime.run_dir=/usr/", "runtime.run_dir"),
+        ("runtime.run_dir=~/", "runtime.run_dir"),
+        ("data.global_batch_size=6", "data.global_batch_size"),
+    ],
+)
+def test_bad_values_are_refused_in_one_line_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("scenes", [override, "data.batch_size=4"])
+    message = str(info.value)
+    assert message.startswith(key) and "\n" not in message, message
+
+
+def test_crop_floor_follows_the_output_stride() -> None:
+    assert load_config("scenes", ["data.crop_size=32", "eval.crop=32"]).data.crop_size == 32
+    with pytest.raises(ConfigError, match=r"data\.crop_size=48 .* at least 64"):
+        load_config("scenes", ["model.output_stride=16", "data.crop_size=48", "eval.crop=64"])
+
+
+def test_sane_values_at_the_edges_are_kept() -> None:
+    cfg = load_config(
+        "scenes",
+        ["optim.momentum=0", "loss.ohem_thresh=1", "loss.alpha=0", "runtime.run_dir=/tmp/x/run"],
+    )
+    assert (cfg.optim.momentum, cfg.loss.ohem_thresh, cfg.loss.alpha) == (0.0, 1.0, 0.0)

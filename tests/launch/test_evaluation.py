@@ -176,7 +176,7 @@ def test_evaluate_cli_reproduces_the_in_training_miou(tmp_path):
     db = tmp_path / "mlflow.db"
     run_dir = tmp_path / "run"
     overrides = [
-        "dataset=cityscapes", f"data.root={shards}", "data.crop_size=16", "data.batch_size=2",
+        "dataset=cityscapes", f"data.root={shards}", "data.crop_size=32", "data.batch_size=2",
         "data.num_workers=0",
         "schedule.iterations=4", "schedule.warmup_iters=0", "eval.every=0", "eval.mode=whole",
         "eval.num_pictures=1", "checkpoint.every=2", "model.channels=16", "model.aspp=false",
@@ -225,3 +225,30 @@ def test_evaluate_cli_reproduces_the_in_training_miou(tmp_path):
     pics = {a.path for a in client.list_artifacts(train_run.info.run_id, "pictures/step_0000004")}
     for kind in ("prediction", "sampling", "features"):
         assert any(p.endswith(f"_{kind}.png") for p in pics), (kind, pics)
+
+
+def test_out_of_range_labels_name_the_shard_and_key(packed):
+    from launch.evaluation import LabelError
+
+    split_dir, _ = packed
+    stream = EvalStream(split_dir)
+    first = stream.manifest["shards"][0]
+    key = first["keys"][0]
+    # Two classes are known to this evaluation: the label "sidewalk" (1) of the set is not.
+    with pytest.raises(LabelError) as info:
+        evaluate(RedThreshold(), stream, num_classes=1, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{Path(split_dir) / first['name']}: sample {key}: ")
+    assert "outside [0, 1)" in message and "\n" not in message
+
+
+def test_long_evaluations_are_announced_once_with_the_plan(packed, capsys):
+    split_dir, _ = packed
+    kwargs = dict(num_classes=19, mode="slide", crop=8, stride=6, scales=(1.0, 2.0), flip=True)
+    evaluate(RedThreshold(), EvalStream(split_dir), progress=False, **kwargs)
+    assert "warning" not in capsys.readouterr().err  # a few ms: nothing to say
+    evaluate(RedThreshold(), EvalStream(split_dir), progress=False, warn_after_s=0.0, **kwargs)
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning")]
+    assert f"on CPU ({N} image(s)" in line
+    assert "2 scale(s) x 2 flips, sliding 8 px windows every 6 px" in line
+    assert "--ms / --flip / --sliding" in line

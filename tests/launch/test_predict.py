@@ -152,3 +152,30 @@ def test_bad_inputs_are_named(tmp_path, capsys):
     assert "needs a Cityscapes model" in run(
         good, "--format", "cityscapes-ids", checkpoint=str(voc)
     )
+
+
+def test_outputs_have_the_usual_permissions(tmp_path):
+    import os
+
+    ckpt = _export(tmp_path, "cityscapes")
+    _images(tmp_path / "in", ["x.png"])
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(ckpt), "--images", str(tmp_path / "in"), "--out", str(out)]
+    old = os.umask(0o022)
+    try:
+        assert P.main([*args, "--no-progress", WHOLE]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == {"x_color.png": 0o644, "x_overlay.png": 0o644}
+
+
+def test_help_states_the_formats_their_default_and_output_names(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        P.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("{overlay,palette,cityscapes-ids}", "overlay (default)", "NAME_color.png",
+                  "NAME_overlay.png", "P-mode PNG of train ids", "Cityscapes label ids"):  # fmt: skip
+        assert words in text, words

@@ -55,21 +55,18 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _packer_name(cfg: TrainConfig) -> str:
-    """The pipeline.pack dataset argument for this config's label set."""
-    from pipeline.sources import SOURCES
+def _raw_layout(root: Path, dataset: str) -> str | None:
+    """The dataset whose original layout `root` holds (a raw, unpacked dataset), else None.
 
-    if cfg.name in SOURCES:
-        return cfg.name
-    return cfg.dataset if cfg.dataset in SOURCES else f"{cfg.dataset}164k"
+    The config's own dataset is tried first, so `scenes` is named for a raw scenes folder although
+    it shares the Cityscapes layout.
+    """
+    from pipeline.datasets import DATASETS
+    from pipeline.sources import SourceError
 
-
-def _raw_layout(root: Path) -> str | None:
-    """The packer whose original layout `root` holds (a raw, unpacked dataset), else None."""
-    from pipeline.sources import SOURCES, SourceError
-
-    for name, source in SOURCES.items():
-        for split in source.splits:
+    for name in sorted(DATASETS, key=lambda n: n != dataset):
+        source = DATASETS[name].source
+        for split in source.known_splits:
             try:
                 if source.list_split(root, split):
                     return name
@@ -91,20 +88,19 @@ def check_data_root(cfg: TrainConfig) -> None:
     missing = [s for s in splits if not (root / s / MANIFEST_NAME).is_file()]
     if not missing:
         return
-    packer = _packer_name(cfg)
-    name = [] if cfg.name == packer else ["--name", cfg.name]
+    packer = cfg.dataset
     if not root.exists():
         state = "does not exist"
         src = f"/data/{packer}"
-    elif (raw := _raw_layout(root)) is not None:
+    elif (raw := _raw_layout(root, cfg.dataset)) is not None:
         state = f"holds a raw {raw} dataset, not packed shards"
         packer, src = raw, str(root)
-        root = Path("shards") / (cfg.name if name else raw)
+        root = Path("shards") / raw
     else:
         state = f"is not packed (no {'/'.join(missing)}/{MANIFEST_NAME})"
         src = f"/data/{packer}"
     command = shlex.join(
-        ["python", "-m", "pipeline.pack", packer, "--src", src, "--out", str(root), *name]
+        ["python", "-m", "pipeline.pack", packer, "--src", src, "--out", str(root)]
     )
     raise ConfigError(
         f"data.root={cfg.data.root}: {state}; pack it with `{command}` and pass data.root={root}"

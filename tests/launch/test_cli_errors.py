@@ -34,10 +34,7 @@ def test_missing_data_root_names_the_path_and_the_pack_command(tmp_path: Path) -
     line = _one_error_line(_train(tmp_path))
     root = tmp_path / "nope"
     assert f"data.root={root}: does not exist" in line
-    assert (
-        f"python -m pipeline.pack cityscapes --src /data/cityscapes --out {root} --name scenes"
-        in line
-    )
+    assert f"python -m pipeline.pack scenes --src /data/scenes --out {root}" in line
     assert time.monotonic() - t0 < 60
 
 
@@ -47,10 +44,8 @@ def test_raw_dataset_as_data_root_is_recognised(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     generate("scenes", raw, train=2, val=1, size=(96, 64))
     line = _one_error_line(_train(tmp_path, shards=raw))
-    assert f"data.root={raw}: holds a raw cityscapes dataset, not packed shards" in line
-    assert (
-        f"python -m pipeline.pack cityscapes --src {raw} --out shards/scenes --name scenes" in line
-    )
+    assert f"data.root={raw}: holds a raw scenes dataset, not packed shards" in line
+    assert f"python -m pipeline.pack scenes --src {raw} --out shards/scenes" in line
 
 
 def test_unpacked_folder_as_data_root(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.config import PRESETS, ConfigError, TrainConfig, load_config
+from launch.config import PRESETS, ConfigError, TrainConfig, check_pretrained, load_config
 from launch.distributed import (
     NodeCountError,
     check_nodes,
@@ -52,6 +52,7 @@ def run(
     """Train in this process (a launcher may have started several); returns the final metrics
     {"miou", "pixel_accuracy", "iou", "iteration", "run_id"}. on_eval(iteration, metrics) is
     called on rank 0 after each evaluation."""
+    check_pretrained(cfg)
     world = world_from_env()
     check_nodes(nodes, world)
     prepare_accelerator()
@@ -96,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.run_dir is not None:
             cfg.runtime.run_dir = args.run_dir
+        check_pretrained(cfg)  # before any process group, data or model
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

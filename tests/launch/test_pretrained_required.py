@@ -66,3 +66,32 @@ def test_in_process_run_checks_too():
 
     with pytest.raises(ConfigError, match="preset 'voc' starts from ImageNet weights"):
         run(load_config("voc"))
+
+
+def test_weights_sha256_and_source_are_run_params(tmp_path):
+    from mlflow import MlflowClient
+
+    from cdgcnet.backbone import DilatedResNet
+    from cdgcnet.weights import sha256_file, write_safetensors
+    from launch.tracking import Tracker
+
+    weights = tmp_path / "r18.safetensors"
+    state = DilatedResNet(18).state_dict()
+    write_safetensors(state, weights, {"source": "torchvision-resnet18-test"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = [f"logging.tracking_uri={uri}", "model.channels=16"]
+    runs = {}
+    for pretrained in (str(weights), "none"):
+        cfg = load_config("scenes", [*base, f"model.pretrained={pretrained}"])
+        tracker = Tracker(cfg, enabled=True)
+        runs[pretrained] = tracker.start()
+        tracker.end()
+    client = MlflowClient(tracking_uri=uri)
+    params = client.get_run(runs[str(weights)]).data.params
+    assert params["pretrained.sha256"] == sha256_file(weights)
+    assert len(params["pretrained.sha256"]) == 64
+    assert params["pretrained.source"] == "torchvision-resnet18-test"
+    assert params["model.pretrained"] == str(weights)
+    params = client.get_run(runs["none"]).data.params
+    assert params["model.pretrained"] == "none" and params["pretrained.sha256"] == "none"
+    assert params["pretrained.source"] == "none (model.pretrained=none: from scratch on purpose)"

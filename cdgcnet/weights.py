@@ -40,6 +40,7 @@ import http.client
 import json
 import os
 import re
+import struct
 import sys
 import time
 import urllib.error
@@ -248,14 +249,29 @@ def write_safetensors(state: dict[str, Tensor], path: Path, metadata: dict[str, 
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a .safetensors header ({} for other files)."""
+    """The string metadata of a .safetensors header ({} for other or unreadable files; the loader
+    names those). Reads the header alone: 8 bytes of length, then JSON."""
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
-    from safetensors import safe_open
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(n, _CHUNK * 100)))
+        meta = header.get("__metadata__") or {}
+    except (OSError, struct.error, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+
+def mismatch(pretrained: str | Path, depth: int, deep_stem: bool) -> str | None:
+    """Why a file written by fetch/convert cannot serve a ResNet of `depth` and stem, from the
+    depth and stem recorded in its header (None: it fits, or the file records neither)."""
+    meta = read_metadata(pretrained)
+    if not meta.get("depth", "").isdigit() or meta.get("stem") not in ("7x7", "deep"):
+        return None
+    found = Architecture(int(meta["depth"]), meta["stem"], avg_down=False)
+    return architecture_mismatch(found, Architecture(depth, "deep" if deep_stem else "7x7", False))
 
 
 def provenance(pretrained: str | None) -> dict[str, str]:

@@ -419,7 +419,9 @@ PAPER_PRESETS = ("cityscapes", "voc", "cocostuff10k", "cocostuff164k")
 
 def check_pretrained(cfg: TrainConfig) -> None:
     """Before any training work: a paper preset needs model.pretrained (a file, or "none" to
-    train from scratch on purpose), and a named weight file must exist. One-line ConfigError."""
+    train from scratch on purpose); a named weight file must exist and, when it records its
+    depth and stem (files written by `python -m cdgcnet.weights`), match the model's.
+    One-line ConfigError."""
     pretrained = cfg.model.pretrained
     if pretrained is None and cfg.name in PAPER_PRESETS:
         raise ConfigError(
@@ -427,10 +429,17 @@ def check_pretrained(cfg: TrainConfig) -> None:
             f"{_fetch_hint(cfg.model)}, or model.pretrained={FROM_SCRATCH} to train from scratch "
             "on purpose"
         )
-    if pretrained not in (None, FROM_SCRATCH) and not Path(pretrained).is_file():
+    if pretrained in (None, FROM_SCRATCH):
+        return
+    if not Path(pretrained).is_file():
         raise ConfigError(
             f"model.pretrained={pretrained}: file not found; {_fetch_hint(cfg.model)}"
         )
+    from cdgcnet.weights import mismatch
+
+    reason = mismatch(pretrained, cfg.model.depth, cfg.model.deep_stem)
+    if reason:
+        raise ConfigError(f"model.pretrained={pretrained}: {reason}")
 
 
 def _fetch_hint(model: ModelConfig) -> str:

@@ -95,3 +95,29 @@ def test_weights_sha256_and_source_are_run_params(tmp_path):
     params = client.get_run(runs["none"]).data.params
     assert params["model.pretrained"] == "none" and params["pretrained.sha256"] == "none"
     assert params["pretrained.source"] == "none (model.pretrained=none: from scratch on purpose)"
+
+
+def test_recorded_depth_and_stem_must_match_the_model(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from cdgcnet.weights import read_metadata, write_safetensors
+
+    r50 = tmp_path / "r50.safetensors"
+    write_safetensors({"x": torch.zeros(1)}, r50, {"source": "t", "depth": "50", "stem": "7x7"})
+    with safe_open(str(r50), framework="pt") as f:  # the header parser agrees with safetensors
+        assert read_metadata(r50) == f.metadata() == {"source": "t", "depth": "50", "stem": "7x7"}
+    with pytest.raises(ConfigError) as info:
+        check_pretrained(load_config("cityscapes", [f"model.pretrained={r50}"]))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(
+        f"model.pretrained={r50}: wrong architecture: the file is a ResNet-50, 7x7 stem, "
+        "the model a ResNet-101, 7x7 stem"
+    )
+    check_pretrained(load_config("cityscapes", [f"model.pretrained={r50}", "model.depth=50"]))
+    v1c = tmp_path / "v1c.safetensors"
+    write_safetensors({"x": torch.zeros(1)}, v1c, {"depth": "101", "stem": "deep"})
+    with pytest.raises(ConfigError, match="the file is a ResNet-101, deep stem, the model a ResNet-101, 7x7 stem"):  # fmt: skip
+        check_pretrained(load_config("voc", [f"model.pretrained={v1c}"]))
+    check_pretrained(load_config("voc", [f"model.pretrained={v1c}", "model.deep_stem=true"]))

@@ -228,6 +228,7 @@ def check_backbone_state(
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -294,19 +295,18 @@ def provenance(pretrained: str | None) -> dict[str, str]:
 
 
 def _progress(label: str, done: int, total: int | None) -> None:
-    size = (
-        f"{done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / total:.0f}%)"
-        if total
-        else (f"{done / 1e6:.1f} MB")
-    )
+    size = f"{done / 1e6:.1f} MB"
+    if total:
+        size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / total:.0f}%)"
     print(f"\r{label}: {size}", end="", file=sys.stderr, flush=True)
 
 
 def download(url: str, partial: Path, label: str) -> str:
-    """Stream `url` into `partial` (created or overwritten) with a progress line on stderr;
-    the sha256 of what arrived. A body shorter than its Content-Length is an error."""
+    """Stream `url` into `partial` (replaced) with a progress line on stderr; the sha256 of what
+    arrived. A body shorter than its Content-Length is an error naming both sizes."""
     partial.parent.mkdir(parents=True, exist_ok=True)
-    h, done, last = hashlib.sha256(), 0, 0.0
+    partial.unlink(missing_ok=True)  # a leftover of an earlier attempt is never reported as ours
+    h, done, total, last = hashlib.sha256(), 0, None, 0.0
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "cdgcnet-weights"})
         with urllib.request.urlopen(request, timeout=60) as response, open(partial, "wb") as f:
@@ -319,6 +319,8 @@ def download(url: str, partial: Path, label: str) -> str:
                 if time.monotonic() - last > 0.2:
                     _progress(label, done, total)
                     last = time.monotonic()
+    except http.client.IncompleteRead:
+        pass  # the connection closed early: named below (done < total), or by the hash check
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", None) or e
         kept = f"; what arrived is kept as {partial}" if partial.exists() else ""

@@ -285,9 +285,13 @@ def test_truncated_download_is_named(tmp_path, server):
 
 
 def test_missing_file_on_the_server_is_named(tmp_path, server):
-    with pytest.raises(WeightsError, match=r"/resnet18-00000000\.pth: download failed: Not Found"):
+    stale = tmp_path / "w" / "resnet18-00000000.pth.partial"  # left by an earlier attempt
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    with pytest.raises(WeightsError) as info:
         weights.fetch(_entry(f"{server.url}/resnet18-00000000.pth"), tmp_path / "w")
-    assert not (tmp_path / "w" / "test-resnet18.safetensors").exists()
+    assert str(info.value) == f"{server.url}/resnet18-00000000.pth: download failed: Not Found"
+    assert list((tmp_path / "w").iterdir()) == []
 
 
 # ---------------------------------------------------------------- pickled payloads

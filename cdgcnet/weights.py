@@ -407,14 +407,18 @@ def _list(as_json: bool) -> None:
     for c in CATALOGUE.values():
         kind, digits = c.expected
         rows.append({"name": c.name, "depth": c.depth, "stem": c.stem, "format": c.format,
-                     "check": kind, "expected": digits, "url": c.url, "origin": c.origin})  # fmt: skip
+                     "check": kind, "expected": digits, "url": c.url, "origin": c.origin,
+                     "recommended": RECOMMENDED.get((c.depth, c.stem)) == c.name})  # fmt: skip
     if as_json:
         print(json.dumps(rows, indent=1))
         return
     for r in rows:
         print(f"{r['name']:24} ResNet-{r['depth']:<4} {r['stem']:4} stem  {r['format']:11} "
               f"{r['check']}: {r['expected']}")  # fmt: skip
-        print(f"{'':24} {r['url']}\n{'':24} {r['origin']}")
+        mark = (
+            f" (recommended for ResNet-{r['depth']}, {r['stem']} stem)" if r["recommended"] else ""
+        )
+        print(f"{'':24} {r['url']}\n{'':24} {r['origin']}{mark}")
     for name, why in REFUSED.items():
         print(f"{name:24} refused: {why}")
 

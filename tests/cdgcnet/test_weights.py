@@ -125,6 +125,9 @@ def test_list_prints_every_entry_with_its_check(capsys):
     r101 = rows[[r["name"] for r in rows].index("torchvision-resnet101-v1")]
     assert r101["url"] == "https://download.pytorch.org/models/resnet101-63fe2227.pth"
     assert (r101["depth"], r101["stem"], r101["expected"]) == (101, "7x7", "63fe2227")
+    assert [r["name"] for r in rows if r["recommended"]] == sorted(
+        weights.RECOMMENDED.values(), key=list(weights.CATALOGUE).index
+    )
     assert weights.main(["list"]) == 0
     text = capsys.readouterr().out
     assert "timm-resnet101c-gluon" in text and "timm-resnet101d" in text and "refused" in text

@@ -136,6 +136,7 @@ def test_list_prints_every_entry_with_its_check(capsys):
 def test_unknown_and_refused_names_from_the_command_line():
     proc = subprocess.run(
         [sys.executable, "-m", "cdgcnet.weights", "fetch", "resnet101-imagenet", "--out", "x"],
+        cwd=Path(__file__).resolve().parents[2],  # this checkout's cdgcnet, not an installed one
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,8 +1,12 @@
 """Dilated ResNet backbone (18/34/50/101), output stride 8 or 16, optional v1c deep stem.
 
 Parameter names follow torchvision's ResNet (conv1, bn1, layer1..layer4, downsample.0/1), so
-torchvision ImageNet state dicts load after dropping fc.*. The deep stem (ResNet-v1c, as in
-mmsegmentation) replaces conv1/bn1 by `stem` (three 3x3 convs) and has no torchvision weights.
+torchvision ImageNet state dicts (and timm's resnet50/resnet101, same names) load after dropping
+fc.*. The deep stem (ResNet-v1c, as in mmsegmentation) replaces the 7x7 conv1/bn1 by `stem`:
+three 3x3 convs (3->32, 32->32, 32->64) with BN + ReLU, named stem.0/1/3/4/6/7 as in
+mmsegmentation. Which weights go with which stem (torchvision / timm for the 7x7 stem,
+mmsegmentation v1c / timm resnet101c for the deep stem; ResNet-D avg-down files fit neither):
+cdgcnet/weights.py and `python -m cdgcnet.weights list`. The paper presets use the 7x7 stem.
 
 Dilation follows torchvision's replace_stride_with_dilation: a dilated stage keeps stride 1, its
 first block uses the previous dilation and the following blocks the new one.

@@ -27,6 +27,8 @@ GRAPHS = ("sim", "ds")
 PARTS = ("easy", "hard_pos", "hard_neg")
 FUSIONS = ("concat", "sum")
 IMPLS = ("segmented", "dense", "jagged")
+FROM_SCRATCH = "none"
+"""model.pretrained=none: no ImageNet weights, on purpose (logged as such)."""
 
 
 @dataclass
@@ -42,7 +44,9 @@ class ModelConfig:
     deep_stem: bool = False
     """ResNet-v1c stem: three 3x3 convs instead of one 7x7 conv."""
     pretrained: str | None = None
-    """Local ImageNet weights for the backbone (torchvision-format .pth or .safetensors)."""
+    """Local ImageNet weights for the backbone (.safetensors from `python -m cdgcnet.weights`, or
+    a .pth in this backbone's key layout); "none": from scratch on purpose; None: not set (the
+    paper presets refuse to train then, see launch/config.py)."""
     aspp: bool = True
     """Basic network = dilated ResNet + ASPP (True) or dilated ResNet alone (False)."""
     aspp_channels: int = 256
@@ -87,8 +91,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.pretrained must be a path or None, got {self.pretrained!r}"
             )
-        if self.pretrained in ("", "none"):  # `model.pretrained=none`: train from scratch
+        if self.pretrained == "":
             self.pretrained = None
+        elif self.pretrained is not None and self.pretrained.lower() == FROM_SCRATCH:
+            self.pretrained = FROM_SCRATCH
         _check_int(self, "aspp_channels", minimum=1)
         _check_choice(self, "context", CONTEXTS)
         _check_choice(self, "graph", GRAPHS)

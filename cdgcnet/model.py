@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from cdgcnet.aspp import ASPP
 from cdgcnet.backbone import DilatedResNet
 from cdgcnet.cdgc import CDGCModule
-from cdgcnet.config import ModelConfig
+from cdgcnet.config import FROM_SCRATCH, ModelConfig
 from cdgcnet.heads import AuxHead, FusionHead, ReductionHead
 
 
@@ -77,9 +77,10 @@ class CDGCNet(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> CDGCNet:
-    """CDGCNet for cfg, with the backbone's ImageNet weights loaded when cfg.pretrained is set."""
+    """CDGCNet for cfg, with the backbone's ImageNet weights loaded when cfg.pretrained names a
+    file (not None, not "none")."""
     model = CDGCNet(cfg)
-    if cfg.pretrained:
+    if cfg.pretrained and cfg.pretrained != FROM_SCRATCH:
         from cdgcnet.pretrained import load_pretrained_backbone
 
         load_pretrained_backbone(model.backbone, cfg.pretrained)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from cdgcnet.config import ModelConfig, model_preset
+from cdgcnet.config import FROM_SCRATCH, ModelConfig, model_preset
 from pipeline.datasets import DATASETS, DatasetSpec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -464,6 +464,51 @@ def preset(name: str) -> TrainConfig:
             f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or give a .yaml/.json file"
         )
     return PRESETS[name]()
+
+
+PAPER_PRESETS = tuple(name for name, spec in DATASETS.items() if spec.recipe is not None)
+"""Presets of a published setting (the paper's, and ADE20K's), which start from ImageNet weights
+(paper section 4.2)."""
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """Before any training work: a paper preset needs model.pretrained (a file, or "none" to
+    train from scratch on purpose); a named weight file must exist and, when it records its
+    depth and stem (files written by `python -m cdgcnet.weights`), match the model's.
+    One-line ConfigError."""
+    pretrained = cfg.model.pretrained
+    if pretrained is None and cfg.name in PAPER_PRESETS:
+        raise ConfigError(
+            f"preset {cfg.name!r} starts from ImageNet weights and model.pretrained is not set: "
+            f"{_fetch_hint(cfg.model)}, or model.pretrained={FROM_SCRATCH} to train from scratch "
+            "on purpose"
+        )
+    if pretrained in (None, FROM_SCRATCH):
+        return
+    if not Path(pretrained).is_file():
+        raise ConfigError(
+            f"model.pretrained={pretrained}: file not found; {_fetch_hint(cfg.model)}"
+        )
+    from cdgcnet.weights import mismatch
+
+    reason = mismatch(pretrained, cfg.model.depth, cfg.model.deep_stem)
+    if reason:
+        raise ConfigError(f"model.pretrained={pretrained}: {reason}")
+
+
+def _fetch_hint(model: ModelConfig) -> str:
+    from cdgcnet.weights import recommended
+
+    name = recommended(model.depth, model.deep_stem)
+    if name is None:
+        return (
+            f"no known ImageNet file for ResNet-{model.depth}; convert one with "
+            "`python -m cdgcnet.weights convert` and give model.pretrained=<file>"
+        )
+    return (
+        f"run `python -m cdgcnet.weights fetch {name} --out weights` and add the "
+        "model.pretrained=... override it prints"
+    )
 
 
 # ---------------------------------------------------------------- dict <-> config

@@ -8,7 +8,8 @@ one active-run stack per process, and sweeps run many trials in one process.
   beside the database (``<db dir>/mlartifacts/<experiment>``), not under the working directory
   (Ray trials each run in their own one).
 - Experiment: cfg.logging.experiment, else cfg.dataset.
-- Params: launch.config.flatten(cfg). MLflow limits a value to 6000 characters (longer ones are
+- Params: launch.config.flatten(cfg), plus pretrained.sha256 and pretrained.source (which
+  ImageNet weights the backbone started from; "none (...)" says why there are none). MLflow limits a value to 6000 characters (longer ones are
   cut, with a marker; the full value is in the config.yaml artifact) and a logged param cannot
   change: when a run is resumed, equal values are skipped and changed ones are recorded as
   ``changed_param.<key>`` tags instead of failing.
@@ -51,6 +52,13 @@ def resolve_tracking_uri(cfg: Any) -> str:
 def metric_key(name: str) -> str:
     """A valid MLflow metric/param name: characters outside [/\\w.- ] become '_'."""
     return _BAD_KEY_CHARS.sub("_", name)
+
+
+def pretrained_params(cfg: Any) -> dict[str, str]:
+    """pretrained.sha256 and pretrained.source of cfg.model.pretrained (cdgcnet.weights)."""
+    from cdgcnet.weights import provenance
+
+    return {f"pretrained.{k}": v for k, v in provenance(cfg.model.pretrained).items()}
 
 
 def ablation_tags(cfg: Any) -> dict[str, str]:
@@ -125,7 +133,7 @@ class Tracker:
             run = self._client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
         self.set_tags(all_tags)
-        self._log_params(flatten(cfg))
+        self._log_params({**flatten(cfg), **pretrained_params(cfg)})
         self.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
         if ds_config is not None:
             self.log_dict(dict(ds_config), "deepspeed_config.json")

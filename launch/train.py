@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.config import PRESETS, ConfigError, TrainConfig, load_config
+from launch.config import PRESETS, ConfigError, TrainConfig, check_pretrained, load_config
 from launch.distributed import (
     NodeCountError,
     check_nodes,
@@ -140,6 +140,7 @@ def run(
     """Train in this process (a launcher may have started several); returns the final metrics
     {"miou", "pixel_accuracy", "iou", "iteration", "run_id"}. on_eval(iteration, metrics) is
     called on rank 0 after each evaluation."""
+    check_pretrained(cfg)
     world = world_from_env()
     check_nodes(nodes, world)
     preflight(cfg, world.world_size, resume)
@@ -241,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         cfg = cli_config(args)
+        check_pretrained(cfg)  # before any process group, data or model
         preflight(cfg, world.world_size, args.resume)
     except ConfigError as e:
         if world.is_main:  # the same refusal on every rank: say it once

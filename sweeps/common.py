@@ -98,7 +98,7 @@ def base_config(
     data.root is given. `reserved` keys (what the caller varies itself) may not be overridden.
     Loading here makes a bad key or value fail in the driver, before any trial starts.
     """
-    from launch.config import load_config
+    from launch.config import check_pretrained, load_config
 
     overrides = list(overrides)
     for item in overrides:
@@ -113,6 +113,7 @@ def base_config(
         if not any(o.startswith("data.root=") for o in overrides):
             overrides.append(f"data.root={prepare_smoke_data(smoke_data)}")
     cfg = load_config(config, overrides)
+    check_pretrained(cfg)  # a paper preset without ImageNet weights stops here, not in each trial
     overrides = [o for o in overrides if not o.startswith("data.root=")]
     overrides.append(f"data.root={absolute(cfg.data.root)}")
     return config, overrides, cfg

@@ -140,3 +140,17 @@ def test_deep_stem_takes_stem_names_and_refuses_torchvision_stem(tmp_path):
     torch.save(_torchvision_resnet18_state(), tv)
     with pytest.raises(PretrainedWeightsError, match=r"deep-stem.*missing keys: \['stem.0.weight'"):
         load_pretrained_backbone(DilatedResNet(18, deep_stem=True), tv)
+
+
+def test_none_means_from_scratch_and_loads_nothing():
+    for value in ("none", "None", "NONE"):
+        assert ModelConfig(pretrained=value).pretrained == "none"
+    assert ModelConfig(pretrained="").pretrained is None
+    torch.manual_seed(0)
+    a = build_model(ModelConfig(num_classes=3, depth=18, channels=8, aspp_channels=8))
+    torch.manual_seed(0)
+    b = build_model(
+        ModelConfig(num_classes=3, depth=18, channels=8, aspp_channels=8, pretrained="none")
+    )
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)

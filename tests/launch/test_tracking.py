@@ -17,7 +17,7 @@ from cdgcnet.labels import CITYSCAPES
 from cdgcnet.metrics import ConfusionMatrix
 from cdgcnet.model import build_model
 from launch.config import flatten, load_config, to_dict
-from launch.tracking import MAX_PARAM_LEN, Tracker, resolve_tracking_uri
+from launch.tracking import MAX_PARAM_LEN, Tracker, pretrained_params, resolve_tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,8 @@ def test_full_run_is_readable_back(store, tmp_path):
     assert client.get_experiment(run.info.experiment_id).name == "full"
     # The experiment keeps its artifacts beside the database, not in the working directory.
     assert run.info.artifact_uri.startswith((store.parent / "mlartifacts" / "full").as_uri())
-    assert run.data.params == flatten(cfg)
+    assert run.data.params == {**flatten(cfg), **pretrained_params(cfg)}
+    assert run.data.params["pretrained.sha256"] == "none"  # the scenes demo: random init
     tags = run.data.tags
     assert tags["variant"] == "aspp+cdgc-ds" and tags["graph"] == "ds" and tags["ratio"] == "1.0"
     assert tags["fusion"] == "concat" and tags["table"] == "t2" and tags["note"] == "x"

@@ -102,7 +102,7 @@ def safe_load(file: str | Path, map_location="cpu", mmap: bool = False):
         with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"GLOBAL (\S+)", str(e))  # the global torch refused to import
         if found:
             raise UnsafeCheckpointError(
                 f"{file}: refused: it pickles {found.group(1)}, which is neither a tensor nor an "
@@ -375,6 +375,7 @@ class CheckpointManager:
         if self.crash_in_save_at == iteration:
             # Fault injection: die after the files are written, before the save counts.
             os.kill(os.getpid(), 9)
+        _barrier()  # every rank's files are written, or its save failed
         if failure is None and _rank() == 0:
             failure = self._mark_complete(path, iteration, meta)
         if not all_ranks_true(failure is None):

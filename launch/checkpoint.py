@@ -535,6 +535,8 @@ def _convert(info: CheckpointInfo, out: Path) -> None:
     shutil.rmtree(staged, ignore_errors=True)
     out_root.mkdir(parents=True, exist_ok=True)
     _alias_sgd_states(info.path, staged)
+    for f in checkpoint_files(staged):  # what the converter reads (weights_only=False) is ours
+        check_file(f)
     cmd = [
         sys.executable,
         "-m",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from launch.checkpoint import (
     UnsafeCheckpointError,
     file_record,
     list_complete,
+    load_engine,
     read_info,
     safe_load,
     to_universal,
@@ -51,8 +53,6 @@ class Payload:
 def plant(file: Path, marker: Path, raw: int | None = None) -> None:
     """Replace a checkpoint file with a payload and, like a careful attacker, update the size and
     sha256 recorded in the tag's COMPLETE marker, so only the content check can catch it."""
-    import pickle
-
     file.parent.mkdir(parents=True, exist_ok=True)
     if raw:
         file.write_bytes(pickle.dumps({"module": Payload(marker)}, protocol=raw))
@@ -127,6 +127,36 @@ def test_payload_in_any_file_is_refused_and_never_run(tmp_path, name) -> None:
     assert not marker.exists()
 
 
+def test_deepspeed_loads_run_weights_only_even_past_the_check(tmp_path) -> None:
+    """A file swapped in after verification is still never unpickled with code execution."""
+    mgr = saved(tmp_path, (10,))
+    tag = mgr.root / "iter_00000010"
+    marker = tmp_path / "PWNED"
+
+    class Engine:  # what DeepSpeed's load_checkpoint does: torch.load(weights_only=False)
+        def load_checkpoint(self, load_dir, tag):
+            return None, torch.load(Path(load_dir) / tag / MODEL_STATES, weights_only=False)
+
+    _, client = load_engine(Engine(), tag.parent, tag.name)
+    assert client["iteration"] == 10
+    plant(tag / MODEL_STATES, marker)
+    with pytest.raises(pickle.UnpicklingError, match="GLOBAL"):
+        load_engine(Engine(), tag.parent, tag.name)
+    assert torch.load is torch.serialization.load  # restored afterwards
+    assert not marker.exists()
+
+
+def test_world_size_conversion_checks_before_converting(tmp_path) -> None:
+    mgr = saved(tmp_path, (10,))
+    marker = tmp_path / "PWNED"
+    info = read_info(mgr.root / "iter_00000010")
+    plant(info.path / OPTIM_STATES, marker)
+    with pytest.raises(UnsafeCheckpointError, match=rf"{info.path / OPTIM_STATES}: refused"):
+        to_universal(info)
+    assert not marker.exists() and not (mgr.root / "universal" / info.tag).exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_legacy_pickle_payload_and_links_are_refused(tmp_path) -> None:
     mgr = saved(tmp_path)
     marker = tmp_path / "PWNED"
@@ -220,6 +250,7 @@ def test_full_disk_during_save_is_one_clear_error_and_leaves_nothing(tmp_path) -
 
 
 # ---------------------------------------------------------------- real DeepSpeed checkpoints
+# (slow: one 2-iteration training run for the module, then a subprocess or a conversion each)
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +275,7 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_real_checkpoint_files_load_with_the_allow_list(trained) -> None:
     _, run_dir = trained
     tag = run_dir / "checkpoints" / "iter_00000002"
@@ -256,22 +288,31 @@ def test_real_checkpoint_files_load_with_the_allow_list(trained) -> None:
         torch.load(tag / OPTIM_STATES, weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [MODEL_STATES, OPTIM_STATES])
-def test_evaluate_predict_and_export_refuse_a_payload(trained, tmp_path, name) -> None:
-    _, src = trained
-    run_dir = _copy(src, tmp_path)
+def test_zero_to_fp32_loading_refuses_a_payload(trained, tmp_path, name) -> None:
+    from launch.export import CheckpointError as ExportError
+    from launch.export import load_checkpoint
+
+    run_dir = _copy(trained[1], tmp_path)
     marker = tmp_path / "PWNED"
     bad = run_dir / "checkpoints" / "iter_00000002" / name
+    plant(bad, marker)
+    for target in (run_dir, run_dir / "checkpoints", bad.parent):
+        with pytest.raises(ExportError, match=rf"{bad}: refused"):
+            load_checkpoint(target)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_refuse_a_payload(trained, tmp_path) -> None:
+    run_dir = _copy(trained[1], tmp_path)
+    marker = tmp_path / "PWNED"
+    bad = run_dir / "checkpoints" / "iter_00000002" / MODEL_STATES
     plant(bad, marker)
     images = tmp_path / "images"
     images.mkdir()
     (images / "a.png").write_bytes(b"")  # found, never read: the checkpoint is refused first
-    from launch.export import CheckpointError as ExportError
-    from launch.export import load_checkpoint
-
-    for target in (run_dir, run_dir / "checkpoints", bad.parent):
-        with pytest.raises(ExportError, match=rf"{bad}: refused"):
-            load_checkpoint(target)
     evaluate = [sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(run_dir)]
     predict = [
         sys.executable,
@@ -290,6 +331,7 @@ def test_evaluate_predict_and_export_refuse_a_payload(trained, tmp_path, name) -
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume", ["auto", "DIR"])
 def test_train_resume_refuses_a_payload(trained, tmp_path, resume) -> None:
     shards, src = trained
@@ -306,6 +348,7 @@ def test_train_resume_refuses_a_payload(trained, tmp_path, resume) -> None:
     assert not (run_dir / "checkpoints" / "iter_00000003").exists()
 
 
+@pytest.mark.slow
 def test_train_resume_auto_falls_back_past_a_truncated_file(trained, tmp_path) -> None:
     shards, src = trained
     run_dir = _copy(src, tmp_path)
@@ -318,6 +361,7 @@ def test_train_resume_auto_falls_back_past_a_truncated_file(trained, tmp_path) -
     verify(bad.parent, read_info(bad.parent).meta)  # saved again, whole
 
 
+@pytest.mark.slow
 def test_world_size_conversion_refuses_payloads(trained, tmp_path) -> None:
     _, src = trained
     run_dir = _copy(src, tmp_path)

@@ -1,17 +1,30 @@
-"""Checkpoints that count only when complete, keep-last-k, and resume across world sizes.
+"""Checkpoints that count only when complete and intact, keep-last-k, and resume across world
+sizes; no checkpoint file is ever unpickled with code execution allowed.
 
 Layout under <run_dir>/checkpoints/:
     iter_00000100/            DeepSpeed save_checkpoint(tag="iter_00000100") files
-    iter_00000100/COMPLETE    written by rank 0 after every rank's save returned (JSON meta)
+    iter_00000100/COMPLETE    written by rank 0 after every rank's save returned (JSON meta, with
+                              the size and sha256 of every file of the tag directory)
     universal/iter_00000100/  the universal form, made on demand when the world size changed
 A save that dies half-way leaves no COMPLETE marker, so resume never picks it; the next complete
-save removes it.
+save removes it. A save that fails (a full disk) removes its partial directory at once.
+
+Trust: DeepSpeed loads its files with `torch.load(weights_only=False)`, which runs any code a
+pickle names. Every file of a checkpoint is therefore unpickled first with `weights_only=True`
+and an allow-list of the few DeepSpeed types our saves contain (`safe_load`, `verify`), and the
+DeepSpeed loads themselves run with `torch.load` forced to the same (`load_engine`,
+`fp32_state_dict`). A file that names any other global is refused with its path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -23,10 +36,19 @@ import torch
 
 MARKER = "COMPLETE"
 PREFIX = "iter_"
+_HASH_CHUNK = 1 << 20
+# Below this much free space after a failed save, the failure is reported as a full disk (the
+# C++ writer's own errors, "basic_ios::clear" and "unexpected pos", do not say so).
+_FULL_DISK_BYTES = 64 << 20
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be saved or resumed from; the message names the path."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds a pickled object outside the allow-list: never loaded, never
+    skipped over silently (someone wrote it on purpose)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +80,182 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+# ---------------------------------------------------------------- reading files safely
+
+
+def allowed_globals() -> list:
+    """The non-tensor types DeepSpeed's own saves hold (found by loading every file of ZeRO-1/2/3
+    and universal checkpoints with weights_only=True); torch's defaults cover the rest."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+def safe_load(file: str | Path, map_location="cpu", mmap: bool = False):
+    """torch.load with weights_only=True and the allow-list. A pickle naming any other global ->
+    UnsafeCheckpointError; a file torch cannot read (truncated, not a torch file) ->
+    CheckpointError. Both name the file."""
+    file = Path(file)
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))  # the global torch refused to import
+        if found:
+            raise UnsafeCheckpointError(
+                f"{file}: refused: it pickles {found.group(1)}, which is neither a tensor nor an "
+                "allowed checkpoint type, and could run code when loaded"
+            ) from None
+        raise CheckpointError(
+            f"{file}: unreadable checkpoint file (not a weights-only torch file)"
+        ) from None
+    except Exception as e:  # truncated zip, not a torch file at all
+        raise CheckpointError(
+            f"{file}: unreadable checkpoint file ({type(e).__name__}: {e})"
+        ) from None
+
+
+def check_file(file: Path) -> None:
+    """Unpickle the file's object tree without reading its tensor data (mmap): cheap, and enough,
+    since only the pickle can run code."""
+    with open(file, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch's zip format; mmap needs it
+    obj = safe_load(file, mmap=zipped)
+    del obj
+
+
+def file_record(file: Path) -> dict:
+    """{"size", "sha256"} of one file, read in chunks."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return {"size": file.stat().st_size, "sha256": h.hexdigest()}
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """Every file under a tag directory but its marker, sorted; a link or a special file is
+    refused (a link could point anywhere, a FIFO would hang the reader)."""
+    out = []
+    for f in sorted(path.rglob("*")):
+        if f.is_symlink() or not (f.is_file() or f.is_dir()):
+            raise UnsafeCheckpointError(f"{f}: refused: not a regular file inside a checkpoint")
+        if f.is_file() and f.relative_to(path).as_posix() not in (MARKER, MARKER + ".tmp"):
+            out.append(f)
+    return out
+
+
+def record_files(path: Path) -> dict[str, dict]:
+    """The marker's "files": relative path -> size and sha256, each file also checked to unpickle
+    safely (a save that wrote a file torch cannot read is not complete)."""
+    files = {}
+    for f in checkpoint_files(path):
+        check_file(f)
+        files[f.relative_to(path).as_posix()] = file_record(f)
+    return files
+
+
+def verify(path: str | Path, meta: dict | None = None) -> None:
+    """Every file of a tag directory unpickles safely and, when the marker lists the files, has
+    the recorded size and sha256, none missing and none extra. Raises UnsafeCheckpointError or
+    CheckpointError naming the first bad file. Each file is read once (hash) plus its pickle."""
+    path = Path(path)
+    listed = (meta or {}).get("files")
+    present = {f.relative_to(path).as_posix(): f for f in checkpoint_files(path)}
+    for name in sorted(set(listed or ()) - set(present)):
+        raise CheckpointError(f"{path / name}: missing (listed in {path / MARKER})")
+    for name, f in present.items():
+        try:
+            check_file(f)  # first: a planted file is refused as such, not as mere damage
+            unreadable = None
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as e:
+            unreadable = e
+        if listed is not None:
+            want, size = listed.get(name), f.stat().st_size
+            if want is None:
+                raise CheckpointError(
+                    f"{f}: not written by the save (not listed in {path / MARKER})"
+                )
+            if size != want["size"]:
+                raise CheckpointError(f"{f}: damaged: {size} bytes, the save wrote {want['size']}")
+        if unreadable is not None:
+            raise unreadable
+        if listed is not None and file_record(f)["sha256"] != listed[name]["sha256"]:
+            raise CheckpointError(f"{f}: damaged: its sha256 differs from the one recorded at save")
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def newest_intact(root: str | Path) -> CheckpointInfo | None:
+    """The newest complete checkpoint under root whose files verify; each damaged newer one is
+    named in a warning. None when there is no complete checkpoint. A file that is unsafe to load
+    stops here (UnsafeCheckpointError); when every complete checkpoint is damaged -> CheckpointError."""
+    done = list_complete(root)
+    damaged = []
+    for info in reversed(done):
+        try:
+            verify(info.path, info.meta)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as e:
+            damaged.append(str(e))
+            _warn(f"skipping checkpoint {info.path}: {e}")
+            continue
+        if damaged:
+            _warn(f"falling back to the newest intact checkpoint {info.path}")
+        return info
+    if damaged:
+        raise CheckpointError(
+            f"{root}: no intact checkpoint ({'; '.join(damaged)}); remove the damaged ones or "
+            "pass --resume none to start over"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every torch.load inside (DeepSpeed's, called with weights_only=False) runs with
+    weights_only=True and the allow-list: the files were verified already, this closes the gap
+    between that check and DeepSpeed's read."""
+    real = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed_globals()):
+            return real(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
+def load_engine(engine, load_dir: str | Path, tag: str):
+    """engine.load_checkpoint(load_dir, tag) with no code execution possible from its files."""
+    with _weights_only_loads():
+        return engine.load_checkpoint(str(load_dir), tag=tag)
+
+
+def fp32_state_dict(tag_dir: str | Path) -> dict:
+    """Consolidated fp32 weights of a ZeRO checkpoint (deepspeed.utils.zero_to_fp32), its loads
+    forced to weights_only=True."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = Path(tag_dir)
+    with _weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+
+# ---------------------------------------------------------------- locating checkpoints
+
+
 def read_info(path: str | Path) -> CheckpointInfo:
     """The meta of one complete checkpoint tag directory; CheckpointError if incomplete."""
     path = Path(path)
@@ -68,9 +266,9 @@ def read_info(path: str | Path) -> CheckpointInfo:
         )
     try:
         meta = json.loads(marker.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{marker}: unreadable marker ({e})") from e
-    return CheckpointInfo(path, int(meta["iteration"]), meta)
+        return CheckpointInfo(path, int(meta["iteration"]), meta)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{marker}: unreadable marker ({type(e).__name__}: {e})") from None
 
 
 def list_complete(root: str | Path) -> list[CheckpointInfo]:
@@ -81,7 +279,10 @@ def list_complete(root: str | Path) -> list[CheckpointInfo]:
     found = []
     for d in root.iterdir():
         if d.is_dir() and d.name.startswith(PREFIX) and (d / MARKER).is_file():
-            found.append(read_info(d))
+            try:
+                found.append(read_info(d))
+            except CheckpointError as e:  # a damaged marker: the checkpoint does not count
+                _warn(f"skipping checkpoint {d}: {e}")
     return sorted(found, key=lambda c: c.iteration)
 
 
@@ -110,6 +311,37 @@ def all_ranks_true(flag: bool) -> bool:
     return int(t.item()) == 0
 
 
+def _broadcast_from_rank0(fn):
+    """fn() on rank 0 only (it reads every file), its result or CheckpointError on every rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return fn()
+    box: list = [None]
+    if _rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except CheckpointError as e:
+            box[0] = (type(e).__name__, str(e))
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "ok":
+        return value
+    raise (UnsafeCheckpointError if kind == "UnsafeCheckpointError" else CheckpointError)(value)
+
+
+def _disk_full(root: Path, exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain, or (torch's C++ writer reports neither)
+    almost no space left beside the checkpoint."""
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        return shutil.disk_usage(root).free < _FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
 class CheckpointManager:
     """Save (with COMPLETE marker, keep-last-k) and locate DeepSpeed checkpoints of one run."""
 
@@ -119,7 +351,9 @@ class CheckpointManager:
         self.crash_in_save_at = crash_in_save_at
 
     def save(self, engine, iteration: int, client_state: dict, meta: dict) -> Path:
-        """Collective: every rank calls it. Refuses to save non-finite weights."""
+        """Collective: every rank calls it. Refuses to save non-finite weights. A failed save
+        (full disk) removes its partial directory on every rank's word and raises
+        CheckpointError; the previous checkpoints are untouched."""
         if not all_ranks_true(tensors_finite(engine.module)):
             raise CheckpointError(
                 f"{self.root}: refusing to save iteration {iteration}: the model holds "
@@ -130,21 +364,58 @@ class CheckpointManager:
         if _rank() == 0 and path.exists():
             shutil.rmtree(path)  # a leftover of a crashed save at the same iteration
         _barrier()
-        engine.save_checkpoint(
-            str(self.root), tag=tag, client_state=client_state, save_latest=False
-        )
+        failure = None
+        try:
+            engine.save_checkpoint(
+                str(self.root), tag=tag, client_state=client_state, save_latest=False
+            )
+        except Exception as e:
+            failure = e
+            _barrier()  # the one DeepSpeed's save ends with, where the other ranks wait
         if self.crash_in_save_at == iteration:
             # Fault injection: die after the files are written, before the save counts.
             os.kill(os.getpid(), 9)
-        _barrier()
+        _barrier()  # every rank's files are written, or its save failed
+        if failure is None and _rank() == 0:
+            failure = self._mark_complete(path, iteration, meta)
+        if not all_ranks_true(failure is None):
+            self._abandon(path, iteration, failure)
         if _rank() == 0:
-            full = {"iteration": iteration, "tag": tag, "time": time.time(), **meta}
-            tmp = path / (MARKER + ".tmp")
-            tmp.write_text(json.dumps(full, indent=1))
-            os.replace(tmp, path / MARKER)
-            self._prune(iteration)
+            self._prune(iteration)  # only now: the new checkpoint is complete and verified
         _barrier()
         return path
+
+    def _mark_complete(self, path: Path, iteration: int, meta: dict) -> Exception | None:
+        """Rank 0: hash and check every file, then write the marker (temp name + rename)."""
+        tmp = path / (MARKER + ".tmp")
+        try:
+            files = record_files(path)
+            full = {"iteration": iteration, "tag": path.name, "time": time.time(), **meta}
+            tmp.write_text(json.dumps({**full, "files": files}, indent=1))
+            os.replace(tmp, path / MARKER)
+        except Exception as e:
+            return e
+        return None
+
+    def _abandon(self, path: Path, iteration: int, failure: Exception | None) -> None:
+        """Every rank: remove the partial save (rank 0) and raise one clear error."""
+        full = failure is not None and _disk_full(self.root, failure)
+        if _rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        _barrier()
+        previous = latest_complete(self.root)
+        kept = f"{previous.path} is intact" if previous else "there is no earlier checkpoint"
+        if full:
+            reason = f"the disk is full (no space left on the device holding {self.root})"
+        elif failure is None:
+            reason = "another rank's save failed"
+        else:
+            reason = f"{type(failure).__name__}: {failure}"
+        hint = "; free space and rerun the same command to resume" if full else ""
+        raise CheckpointError(
+            f"{path}: saving iteration {iteration} failed: {reason}. The partial checkpoint was "
+            f"removed and {kept}{hint}"
+        ) from failure
 
     def _prune(self, newest: int) -> None:
         complete = list_complete(self.root)
@@ -161,22 +432,27 @@ class CheckpointManager:
                 shutil.rmtree(d, ignore_errors=True)
 
     def resolve(self, resume: str) -> CheckpointInfo | None:
-        """'auto' -> newest complete checkpoint of this run (or None); 'none' -> None; else a path."""
+        """'auto' -> newest intact checkpoint of this run (or None); 'none' -> None; else a path
+        (a tag directory must be intact; a checkpoints/ root falls back like 'auto'). Rank 0
+        verifies the files, every rank gets its answer."""
         if resume == "none":
             return None
         if resume == "auto":
-            return latest_complete(self.root)
-        path = Path(resume)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: --resume path is not a checkpoint directory")
-        if path.name.startswith(PREFIX):
-            return read_info(path)  # a tag directory: complete or refused
-        if not (path / MARKER).is_file():
-            latest = latest_complete(path)  # a checkpoints/ root was given
-            if latest is None:
-                raise CheckpointError(f"{path}: holds no complete checkpoint (no {MARKER} marker)")
-            return latest
-        return read_info(path)
+            return _broadcast_from_rank0(lambda: newest_intact(self.root))
+        return _broadcast_from_rank0(lambda: _resolve_path(Path(resume)))
+
+
+def _resolve_path(path: Path) -> CheckpointInfo:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: --resume path is not a checkpoint directory")
+    if path.name.startswith(PREFIX) or (path / MARKER).is_file():
+        info = read_info(path)  # a tag directory: complete or refused
+        verify(info.path, info.meta)
+        return info
+    latest = newest_intact(path)  # a checkpoints/ root was given
+    if latest is None:
+        raise CheckpointError(f"{path}: holds no complete checkpoint (no {MARKER} marker)")
+    return latest
 
 
 # ds_to_universal knows Adam's state names only; SGD's momentum travels under Adam's first name.
@@ -193,8 +469,7 @@ def _alias_sgd_states(src: Path, dst: Path) -> None:
         if "optim_states" not in f.name:
             shutil.copy2(f, dst / f.name)
             continue
-        # DeepSpeed pickles its own optimizer files; this is one this program wrote.
-        sd = torch.load(f, map_location="cpu", weights_only=False)
+        sd = safe_load(f)
         osd = sd["optimizer_state_dict"]
         inner = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict") or {}
         flats = osd.get("single_partition_of_fp32_groups") or osd.get("fp32_flat_groups")
@@ -223,40 +498,68 @@ def _unalias(universal_tag_dir: Path) -> None:
 def to_universal(info: CheckpointInfo) -> Path:
     """Convert a checkpoint to DeepSpeed's universal form (rank 0 works, all ranks wait).
 
-    Returns the directory to pass to engine.load_checkpoint (it holds `latest` and the tag).
-    The SGD momentum buffers are carried through ds_to_universal under Adam's state name and
-    renamed back afterwards (the universal loader restores any state file by its name).
+    Returns the directory to pass to load_engine (it holds `latest` and the tag). The SGD
+    momentum buffers are carried through ds_to_universal under Adam's state name and renamed
+    back afterwards (the universal loader restores any state file by its name). The source is
+    verified first, since the converter loads it with weights_only=False; a universal form made
+    earlier is reused only when its own marker's file records verify.
     """
     out_root = info.path.parent / "universal"
     out = out_root / info.tag
-    if _rank() == 0 and not (out / MARKER).is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        staged = out_root / f".{info.tag}.aliased"
-        shutil.rmtree(staged, ignore_errors=True)
-        out_root.mkdir(parents=True, exist_ok=True)
-        _alias_sgd_states(info.path, staged)
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            str(staged),
-            "--output_folder",
-            str(out),
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-            "--inject_missing_state",
-        ]  # ZeRO-2 checkpoints lack the universal info block
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        shutil.rmtree(staged, ignore_errors=True)
-        if proc.returncode != 0:
-            raise CheckpointError(
-                f"{info.path}: conversion to a universal checkpoint failed:\n{proc.stderr[-3000:]}"
-            )
-        _unalias(out)
-        (out_root / "latest").write_text(info.tag)
-        (out / MARKER).write_text(json.dumps(info.meta))
-    _barrier()
+    _broadcast_from_rank0(lambda: _convert(info, out) if _rank() == 0 else None)
     return out_root
+
+
+def _reusable(out: Path) -> bool:
+    """A finished universal form whose files verify; an unsafe file is refused, damage redoes it."""
+    try:
+        marker = read_info(out)
+        verify(out, marker.meta)
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as e:
+        if out.exists():
+            _warn(f"converting again: {e}")
+        return False
+    return True
+
+
+def _convert(info: CheckpointInfo, out: Path) -> None:
+    """Rank 0: verify the source, stage it with aliased SGD states, run ds_to_universal."""
+    if _reusable(out):
+        return
+    verify(info.path, info.meta)
+    out_root = out.parent
+    shutil.rmtree(out, ignore_errors=True)
+    staged = out_root / f".{info.tag}.aliased"
+    shutil.rmtree(staged, ignore_errors=True)
+    out_root.mkdir(parents=True, exist_ok=True)
+    _alias_sgd_states(info.path, staged)
+    for f in checkpoint_files(staged):  # what the converter reads (weights_only=False) is ours
+        check_file(f)
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(staged),
+        "--output_folder",
+        str(out),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+        "--inject_missing_state",
+    ]  # ZeRO-2 checkpoints lack the universal info block
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    shutil.rmtree(staged, ignore_errors=True)
+    if proc.returncode != 0:
+        raise CheckpointError(
+            f"{info.path}: conversion to a universal checkpoint failed:\n{proc.stderr[-3000:]}"
+        )
+    _unalias(out)
+    (out_root / "latest").write_text(info.tag)
+    files = record_files(out)
+    tmp = out / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({**info.meta, "files": files}, indent=1))
+    os.replace(tmp, out / MARKER)

@@ -8,7 +8,9 @@ It is read back with ``torch.load(weights_only=True)`` only.
 folder (the newest complete ``iter_*`` tag is used; a plain DeepSpeed folder with ``latest`` works
 too) or one tag folder. ZeRO partitions are consolidated to fp32 with
 ``deepspeed.utils.zero_to_fp32`` and the config is read from the run directory's ``config.json``
-(or ``config.yaml``), else from the checkpoint's client state.
+(or ``config.yaml``), else from the checkpoint's client state. Every file of the tag folder is
+checked first (``launch.checkpoint.verify``: safe unpickling, recorded sizes and hashes), and a
+run or ``checkpoints/`` folder falls back past damaged checkpoints to the newest intact one.
 """
 
 from __future__ import annotations
@@ -136,7 +138,12 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict, int | Non
         return model, payload["config"], _int_or_none(meta.get("iteration"))
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
-    tag_dir = _deepspeed_tag_dir(path)
+    from launch import checkpoint
+
+    try:  # every file unpickles safely (and matches its recorded hash) before DeepSpeed reads it
+        tag_dir = _deepspeed_tag_dir(path)
+    except checkpoint.CheckpointError as e:
+        raise CheckpointError(str(e)) from None
     cfg, iteration = _deepspeed_config(tag_dir)
     state = _deepspeed_fp32_state(tag_dir)
     model = model_from_state(state, cfg, source=tag_dir)
@@ -145,17 +152,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict, int | Non
 
 def _deepspeed_tag_dir(path: Path) -> Path:
     """The tag folder to load: given, the newest complete one, or the one `latest` names."""
-    from launch.checkpoint import MARKER, PREFIX, latest_complete
+    from launch.checkpoint import MARKER, PREFIX, newest_intact, read_info, verify
 
-    if (path / _MODEL_STATES).is_file():  # a tag folder
+    if (path / _MODEL_STATES).is_file() or (path / MARKER).is_file():  # a tag folder
         if path.name.startswith(PREFIX) and not (path / MARKER).is_file():
             raise CheckpointError(
                 f"{path}: incomplete checkpoint (no {MARKER} marker: the save did not finish)"
             )
+        verify(path, read_info(path).meta if (path / MARKER).is_file() else None)
         return path
     if (path / "checkpoints").is_dir() and not (path / "latest").is_file():
         path = path / "checkpoints"  # a run directory
-    newest = latest_complete(path)
+    newest = newest_intact(path)
     if newest is not None:
         return newest.path
     latest = path / "latest"
@@ -165,6 +173,7 @@ def _deepspeed_tag_dir(path: Path) -> Path:
             raise CheckpointError(
                 f"{latest}: names tag {tag!r} but {path / tag} holds no {_MODEL_STATES}"
             )
+        verify(path / tag)  # a plain DeepSpeed folder: no recorded hashes, still no pickles
         return path / tag
     raise CheckpointError(
         f"{path}: not a DeepSpeed checkpoint (no {_MODEL_STATES}, no complete {PREFIX}* "
@@ -182,10 +191,10 @@ def _deepspeed_fp32_state(tag_dir: Path) -> dict:
                 "'module' weights"
             )
         return {k: v.float() if v.is_floating_point() else v for k, v in client["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from launch.checkpoint import fp32_state_dict
 
     try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        return fp32_state_dict(tag_dir)
     except Exception as e:  # DeepSpeed raises bare ValueError/FileNotFoundError/KeyError
         raise CheckpointError(f"{tag_dir}: cannot consolidate the ZeRO checkpoint: {e}") from e
 

@@ -28,7 +28,13 @@ import torch
 
 from cdgcnet.losses import CDGCLoss, validate_labels
 from cdgcnet.model import build_model, param_groups
-from launch.checkpoint import CheckpointInfo, CheckpointManager, to_universal
+from launch.checkpoint import (
+    CheckpointInfo,
+    CheckpointManager,
+    load_engine,
+    safe_load,
+    to_universal,
+)
 from launch.config import TrainConfig, to_dict, to_yaml
 from launch.distributed import WorldInfo, convert_sync_batchnorm, device_type
 from launch.ds_config import accumulation_steps, build_ds_config
@@ -248,18 +254,16 @@ class Trainer:
         """Load engine states; returns (iteration, this rank's RNG state or None, client)."""
         same_world = ckpt.world_size == self.world.world_size
         if same_world:
-            _, client = engine.load_checkpoint(str(ckpt.path.parent), tag=ckpt.tag)
+            _, client = load_engine(engine, ckpt.path.parent, ckpt.tag)
         else:
             self._log(
                 f"resume: checkpoint {ckpt.path} was saved by {ckpt.world_size} rank(s), "
                 f"this world has {self.world.world_size}: converting to universal form"
             )
             uni = to_universal(ckpt)
-            _, client = engine.load_checkpoint(str(uni), tag=ckpt.tag)
+            _, client = load_engine(engine, uni, ckpt.tag)
             if not client or "stream" not in client:  # the universal form may drop it
-                client = torch.load(
-                    ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-                )
+                client = safe_load(ckpt.path / "mp_rank_00_model_states.pt")
         if client is None:
             raise RuntimeError(f"{ckpt.path}: DeepSpeed could not load this checkpoint")
         iteration = int(client["iteration"])
@@ -603,15 +607,11 @@ class Trainer:
         from launch.export import save_exported
 
         if self.cfg.runtime.zero_stage == 3:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from launch.checkpoint import fp32_state_dict
 
             latest = self.ckpts.root
             tag = max(p.name for p in latest.iterdir() if p.name.startswith("iter_"))
-            state = (
-                get_fp32_state_dict_from_zero_checkpoint(str(latest), tag=tag)
-                if self.world.is_main
-                else None
-            )
+            state = fp32_state_dict(latest / tag) if self.world.is_main else None
         else:
             state = {
                 k: v.float() if v.is_floating_point() else v

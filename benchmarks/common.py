@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from pipeline.atomic import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_MARK = "@@BENCH-RESULT@@ "
 CPU_MEMORY_METHOD = (
@@ -381,14 +383,8 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
 
 
 def write_json(path: str | Path, payload: dict[str, Any] | list[Any]) -> None:
-    """Write payload as JSON atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write payload as JSON atomically (pipeline.atomic) and say where."""
+    write_json_atomic(path, payload, indent=2)
     print(f"\nwrote {path}")
 
 

@@ -29,6 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 from benchmarks import common
+from pipeline.atomic import write_json_atomic
 
 VARIANTS = ("plain", "zero1", "zero2", "zero3")
 
@@ -120,10 +121,7 @@ def worker(args: argparse.Namespace) -> None:
         for name, fn in steps.items():
             times[name].append(timed(fn))
     if rank == 0:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"world": world, "threads": args.threads, "times": times}))
-        os.replace(tmp, out)
+        write_json_atomic(args.out, {"world": world, "threads": args.threads, "times": times})
     dist.barrier()
     dist.destroy_process_group()
 

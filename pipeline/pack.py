@@ -41,7 +41,8 @@ import cv2
 import numpy as np
 import webdataset as wds
 
-from .manifest import MANIFEST_NAME, write_json_atomic, write_manifest
+from .atomic import write_json_atomic
+from .manifest import MANIFEST_NAME, write_manifest
 from .sources import SOURCES, DatasetSource, SampleError, SourceError, SourceSample, load_sample
 
 PACKER_VERSION = "pipeline.pack/1"

@@ -388,6 +388,21 @@ def write_json(path: str | Path, payload: dict[str, Any] | list[Any]) -> None:
     print(f"\nwrote {path}")
 
 
+def write_results(
+    path: str | Path, name: str, argv: Sequence[str], hardware: dict, records: list, **extra: Any
+) -> None:
+    """The JSON result file of benchmarks/<name>.py: its command line, the hardware, `extra`
+    fields, then the records."""
+    command = f"python benchmarks/{name}.py " + " ".join(argv)
+    payload = {"benchmark": name, "command": command, "hardware": hardware, **extra}
+    write_json(path, {**payload, "records": records})
+
+
+def gpu_rows(cuda: bool) -> str:
+    """What a result file says about its GPU rows."""
+    return "measured" if cuda else "not measured (no GPU in this environment)"
+
+
 def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Least-squares slope of log(y) against log(x) (y ~ x^k); None with < 2 usable points."""
     import math

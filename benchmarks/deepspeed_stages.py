@@ -234,15 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["world", "variant", "threads_per_rank", "step_ms", "step_ms_min", "step_ms_max"]
     common.print_table(rows, [*cols, "overhead_pct", "status"], title="ZeRO stages on CPU")
     if args.json:
-        common.write_json(
-            args.json,
-            {
-                "benchmark": "deepspeed_stages",
-                "command": "python benchmarks/deepspeed_stages.py " + " ".join(argv),
-                "hardware": hw,
-                "records": rows,
-            },
-        )
+        common.write_results(args.json, "deepspeed_stages", argv, hw, rows)
     failed = [r for r in rows if r["status"] != "ok"]
     return 1 if failed else 0
 

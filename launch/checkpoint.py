@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from launch.distributed import barrier
+
 MARKER = "COMPLETE"
 PREFIX = "iter_"
 
@@ -47,11 +49,6 @@ class CheckpointInfo:
 
 def tag_for(iteration: int) -> str:
     return f"{PREFIX}{iteration:08d}"
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _rank() -> int:
@@ -113,10 +110,9 @@ def all_ranks_true(flag: bool) -> bool:
 class CheckpointManager:
     """Save (with COMPLETE marker, keep-last-k) and locate DeepSpeed checkpoints of one run."""
 
-    def __init__(self, run_dir: str | Path, keep: int, crash_in_save_at: int | None = None):
+    def __init__(self, run_dir: str | Path, keep: int):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
-        self.crash_in_save_at = crash_in_save_at
 
     def save(self, engine, iteration: int, client_state: dict, meta: dict) -> Path:
         """Collective: every rank calls it. Refuses to save non-finite weights."""
@@ -129,21 +125,18 @@ class CheckpointManager:
         path = self.root / tag
         if _rank() == 0 and path.exists():
             shutil.rmtree(path)  # a leftover of a crashed save at the same iteration
-        _barrier()
+        barrier()
         engine.save_checkpoint(
             str(self.root), tag=tag, client_state=client_state, save_latest=False
         )
-        if self.crash_in_save_at == iteration:
-            # Fault injection: die after the files are written, before the save counts.
-            os.kill(os.getpid(), 9)
-        _barrier()
+        barrier()
         if _rank() == 0:
             full = {"iteration": iteration, "tag": tag, "time": time.time(), **meta}
             tmp = path / (MARKER + ".tmp")
             tmp.write_text(json.dumps(full, indent=1))
             os.replace(tmp, path / MARKER)
             self._prune(iteration)
-        _barrier()
+        barrier()
         return path
 
     def _prune(self, newest: int) -> None:
@@ -258,5 +251,5 @@ def to_universal(info: CheckpointInfo) -> Path:
         _unalias(out)
         (out_root / "latest").write_text(info.tag)
         (out / MARKER).write_text(json.dumps(info.meta))
-    _barrier()
+    barrier()
     return out_root

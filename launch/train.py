@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     from pathlib import Path
@@ -27,6 +28,9 @@ from launch.distributed import (
     prepare_accelerator,
     world_from_env,
 )
+
+if TYPE_CHECKING:
+    from launch.hooks import Hook
 
 EPILOG = f"""
 config: a preset ({", ".join(PRESETS)}) or a .yaml/.json file (which may say `preset: NAME`
@@ -48,17 +52,19 @@ def run(
     on_eval: Callable[[int, dict], None] | None = None,
     resume: str = "auto",
     nodes: int | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> dict:
     """Train in this process (a launcher may have started several); returns the final metrics
     {"miou", "pixel_accuracy", "iou", "iteration", "run_id"}. on_eval(iteration, metrics) is
-    called on rank 0 after each evaluation."""
+    called on rank 0 after each evaluation; hooks (launch.hooks.Hook) run after the trainer's
+    own around every step."""
     world = world_from_env()
     check_nodes(nodes, world)
     prepare_accelerator()
     init_distributed(world, cpu_shm_comm=cfg.runtime.cpu_shm_comm)
     from launch.trainer import Trainer
 
-    return Trainer(cfg, world, on_eval=on_eval).fit(resume=resume)
+    return Trainer(cfg, world, on_eval=on_eval, hooks=hooks).fit(resume=resume)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -53,7 +53,6 @@ def test_parts_follow_the_configured_parts_and_need_class_wise() -> None:
 def test_resize_target_is_nearest_and_keeps_ids() -> None:
     target = torch.arange(16).view(1, 4, 4)
     assert torch.equal(resize_target(target, (2, 2)), torch.tensor([[[0, 2], [8, 10]]]))
-    assert (
-        resize_target(target, (4, 4)) is not None
-        and resize_target(target, (8, 8)).unique().numel() == 16
-    )
+    assert torch.equal(resize_target(target, (4, 4)), target)  # already on the grid
+    up = resize_target(target, (8, 8))
+    assert torch.equal(up[0, ::2, ::2], target[0]) and up.unique().numel() == 16

@@ -246,18 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         title="growth exponents k (y ~ x^k, log-log least squares)",
     )
     if args.json:
-        common.write_json(
-            args.json,
-            {
-                "benchmark": "cdgc_scaling",
-                "command": "python benchmarks/cdgc_scaling.py " + " ".join(argv),
-                "hardware": hw,
-                "gpu_rows": "measured"
-                if device.type == "cuda"
-                else "not measured (no GPU in this environment)",
-                "records": rows,
-                "fits": fit_rows,
-            },
+        gpu_rows = common.gpu_rows(device.type == "cuda")
+        common.write_results(
+            args.json, "cdgc_scaling", argv, hw, rows, gpu_rows=gpu_rows, fits=fit_rows
         )
     return 0
 

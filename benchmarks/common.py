@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from pipeline.atomic import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_MARK = "@@BENCH-RESULT@@ "
 CPU_MEMORY_METHOD = (
@@ -381,15 +383,24 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
 
 
 def write_json(path: str | Path, payload: dict[str, Any] | list[Any]) -> None:
-    """Write payload as JSON atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write payload as JSON atomically (pipeline.atomic) and say where."""
+    write_json_atomic(path, payload, indent=2)
     print(f"\nwrote {path}")
+
+
+def write_results(
+    path: str | Path, name: str, argv: Sequence[str], hardware: dict, records: list, **extra: Any
+) -> None:
+    """The JSON result file of benchmarks/<name>.py: its command line, the hardware, `extra`
+    fields, then the records."""
+    command = f"python benchmarks/{name}.py " + " ".join(argv)
+    payload = {"benchmark": name, "command": command, "hardware": hardware, **extra}
+    write_json(path, {**payload, "records": records})
+
+
+def gpu_rows(cuda: bool) -> str:
+    """What a result file says about its GPU rows."""
+    return "measured" if cuda else "not measured (no GPU in this environment)"
 
 
 def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:

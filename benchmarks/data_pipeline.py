@@ -141,7 +141,9 @@ def measure_integrity(src: Path, workdir: Path) -> dict:
     sources_base.cv2.imdecode, pack_mod.cv2.imencode = counting_decode, counting_encode
     try:
         out = workdir / "integrity"
-        m = pack_mod.pack_split(DATASETS["cityscapes"], src, out, "train", workers=1, progress=False)
+        m = pack_mod.pack_split(
+            DATASETS["cityscapes"], src, out, "train", workers=1, progress=False
+        )
     finally:
         sources_base.cv2.imdecode, pack_mod.cv2.imencode = real_decode, real_encode
     identical = _images_identical(src, out / "train", m)

@@ -29,6 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 from benchmarks import common
+from pipeline.atomic import write_json_atomic
 
 VARIANTS = ("plain", "zero1", "zero2", "zero3")
 
@@ -120,10 +121,7 @@ def worker(args: argparse.Namespace) -> None:
         for name, fn in steps.items():
             times[name].append(timed(fn))
     if rank == 0:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"world": world, "threads": args.threads, "times": times}))
-        os.replace(tmp, out)
+        write_json_atomic(args.out, {"world": world, "threads": args.threads, "times": times})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -236,15 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["world", "variant", "threads_per_rank", "step_ms", "step_ms_min", "step_ms_max"]
     common.print_table(rows, [*cols, "overhead_pct", "status"], title="ZeRO stages on CPU")
     if args.json:
-        common.write_json(
-            args.json,
-            {
-                "benchmark": "deepspeed_stages",
-                "command": "python benchmarks/deepspeed_stages.py " + " ".join(argv),
-                "hardware": hw,
-                "records": rows,
-            },
-        )
+        common.write_results(args.json, "deepspeed_stages", argv, hw, rows)
     failed = [r for r in rows if r["status"] != "ok"]
     return 1 if failed else 0
 

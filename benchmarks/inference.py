@@ -139,16 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["case", "model", "image", "crop", "stride", "forward_passes", "ms_per_image"]
     common.print_table(rows, [*cols, "images_per_s"], title="evaluation throughput (batch 1)")
     if args.json:
-        common.write_json(
-            args.json,
-            {
-                "benchmark": "inference",
-                "command": "python benchmarks/inference.py " + " ".join(argv),
-                "hardware": hw,
-                "gpu_rows": "measured" if cuda else "not measured (no GPU in this environment)",
-                "records": rows,
-            },
-        )
+        common.write_results(args.json, "inference", argv, hw, rows, gpu_rows=common.gpu_rows(cuda))
     return 0
 
 

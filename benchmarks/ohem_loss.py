@@ -179,14 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         title=f"OHEM loss, forward + backward ({device.type})",
     )
     if args.json:
-        payload = {
-            "command": "python benchmarks/ohem_loss.py " + " ".join(argv),
-            "hardware": common.hardware(device),
-            "min_kept": MIN_KEPT,
-            "thresh": THRESH,
-            "records": rows,
-        }
-        common.write_json(args.json, payload)
+        hw = common.hardware(device)
+        common.write_results(
+            args.json, "ohem_loss", argv, hw, rows, min_kept=MIN_KEPT, thresh=THRESH
+        )
     return 0
 
 

@@ -277,18 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     cols += ["status"]
     common.print_table(rows, cols, title=f"training step on {hw.get('gpu', hw['cpu'])}")
     if args.json:
-        common.write_json(
-            args.json,
-            {
-                "benchmark": "train_step",
-                "command": "python benchmarks/train_step.py " + " ".join(argv),
-                "hardware": hw,
-                "gpu_rows": "measured" if cuda else "not measured (no GPU in this environment)",
-                "flops_note": "FlopCounterMode: matmul/conv/SDPA counted; elementwise, BN, "
-                "softmax outside SDPA, pooling, interpolation, index/scatter not counted",
-                "records": rows,
-            },
-        )
+        common.write_results(
+            args.json, "train_step", argv, hw, rows, gpu_rows=common.gpu_rows(cuda),
+            flops_note="FlopCounterMode: matmul/conv/SDPA counted; elementwise, BN, softmax "
+            "outside SDPA, pooling, interpolation, index/scatter not counted",
+        )  # fmt: skip
     return 0
 
 

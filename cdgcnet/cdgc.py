@@ -87,6 +87,14 @@ def _error(msg: str) -> ValueError:
     return ValueError(f"{_WHERE}: {msg}")
 
 
+def check_ratio(ratio: object, where: str = "ratio") -> float:
+    """The easy-positive sampling ratio of dynamic sampling as a float in [0, 1]; a ValueError
+    naming `where` otherwise. The one check of this rule (config, module, sweeps)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ValueError(f"{where} must be a number in [0, 1], got {ratio!r}")
+    return float(ratio)
+
+
 @dataclass
 class _Plan:
     """Class-major membership layout for the segmented path (index tensors carry no grad)."""
@@ -119,8 +127,7 @@ class CDGCModule(nn.Module):
             raise _error(f"num_classes must be a positive int, got {num_classes!r}")
         if graph not in GRAPHS:
             raise _error(f"graph must be one of {GRAPHS}, got {graph!r}")
-        if not 0.0 <= float(ratio) <= 1.0:
-            raise _error(f"ratio must lie in [0, 1], got {ratio!r}")
+        ratio = check_ratio(ratio, f"{_WHERE}: ratio")
         if isinstance(parts, str):
             raise _error(
                 f"parts must be a sequence of names from {PARTS}, got the string {parts!r}"
@@ -216,32 +223,54 @@ class CDGCModule(nn.Module):
                 "graph='ds' in training needs the target (dynamic sampling uses the ground "
                 "truth); pass target, use graph='sim', or call eval()"
             )
-        gt = self._resize_target(target, h, w).view(b, n)  # (B, N)
+        parts, n_bad = self._sampled_parts(coarse, target, b, h, w)
+        nodes = torch.zeros_like(coarse)
+        for part in parts.values():
+            nodes |= part
+        return nodes, n_bad
+
+    @torch.no_grad()
+    def node_parts(self, coarse_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """The dynamic-sampling node sets of eq. (4) split by part, drawn as graph='ds' training
+        draws them (whatever the module's mode): the names of ``parts`` -> bool (B, M, H, W).
+        "easy" holds the easy positives kept with probability ``ratio`` (torch's global RNG);
+        the union of the parts is what ``node_sets`` returns for a training 'ds' module."""
+        if not self.class_wise:
+            raise _error("node_parts needs the class-wise module (plain-GCN has no class parts)")
+        self._check_logits(coarse_logits, None)
+        b, m, h, w = coarse_logits.shape
+        self._check_target(target, b)
+        pred = coarse_logits.argmax(1).view(b, h * w)  # (B, N)
+        coarse = F.one_hot(pred, m).transpose(1, 2).bool()  # (B, M, N)  C_m
+        parts, n_bad = self._sampled_parts(coarse, target, b, h, w)
+        self._raise_bad_labels(int(n_bad))
+        return {name: part.view(b, m, h, w) for name, part in parts.items()}
+
+    def _sampled_parts(
+        self, coarse: Tensor, target: Tensor, b: int, h: int, w: int
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """The parts of eq. (4) named in ``parts``, (B, M, N) bool each, given C_m (B, M, N);
+        and a 0-dim count of out-of-range target labels."""
+        m, n = self.num_classes, h * w
+        gt = resize_target(target, (h, w)).view(b, n)  # (B, N)
         labelled = gt != self.ignore_index
         in_range = (gt >= 0) & (gt < m)
         n_bad = (labelled & ~in_range).sum()
         gt_onehot = F.one_hot(torch.where(in_range, gt, m), m + 1)[..., :m]  # (B, N, M)
         truth = gt_onehot.transpose(1, 2).bool()  # (B, M, N)  G_m
-        nodes = torch.zeros_like(coarse)
+        parts = {}
         if "hard_neg" in self.parts:
-            nodes |= coarse & ~truth & labelled[:, None]
+            parts["hard_neg"] = coarse & ~truth & labelled[:, None]
         if "hard_pos" in self.parts:
-            nodes |= truth & ~coarse
+            parts["hard_pos"] = truth & ~coarse
         if "easy" in self.parts and self.ratio > 0.0:
             easy = coarse & truth
             if self.ratio < 1.0:
                 # An easy positive is in one class only, so one draw per pixel suffices.
                 keep = torch.rand(b, 1, n, device=easy.device) < self.ratio
                 easy &= keep
-            nodes |= easy
-        return nodes, n_bad
-
-    def _resize_target(self, target: Tensor, h: int, w: int) -> Tensor:
-        target = target.long()
-        if target.shape[-2:] == (h, w):
-            return target
-        resized = F.interpolate(target[:, None].double(), size=(h, w), mode="nearest")
-        return resized[:, 0].long()
+            parts["easy"] = easy
+        return parts, n_bad
 
     def _raise_bad_labels(self, n_bad: int) -> None:
         if n_bad:
@@ -397,6 +426,16 @@ def _segment_attention(q: Tensor, k: Tensor, v: Tensor, sizes: list[int]) -> Ten
     if not outs:  # no node at all (T = 0): keep phi, phi' in the graph so they get (zero) grads
         return v + 0.0 * (q + k)  # (0, C)
     return torch.cat(outs, dim=2)[0, 0]
+
+
+def resize_target(target: Tensor, size: tuple[int, int]) -> Tensor:
+    """Ground truth (B, h, w) -> (B, H, W) long on the feature grid by nearest neighbour: the
+    G of dynamic sampling (eq. 4). Labels pass unchanged (no interpolation between ids)."""
+    target = target.long()
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target
+    resized = F.interpolate(target[:, None].double(), size=size, mode="nearest")
+    return resized[:, 0].long()
 
 
 def _device_offsets(lengths: list[int], device: torch.device) -> Tensor:

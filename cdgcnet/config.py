@@ -17,16 +17,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from cdgcnet.cdgc import GRAPHS, IMPLS, PARTS, check_ratio
 from cdgcnet.cdgc import PRECISIONS as CDGC_PRECISIONS
+from cdgcnet.heads import FUSIONS
 from cdgcnet.labels import CITYSCAPES, LABEL_SPECS, LabelSpec
 
 DEPTHS = (18, 34, 50, 101)
 OUTPUT_STRIDES = (8, 16)
 CONTEXTS = ("cdgc", "plain_gcn", "none")
-GRAPHS = ("sim", "ds")
-PARTS = ("easy", "hard_pos", "hard_neg")
-FUSIONS = ("concat", "sum")
-IMPLS = ("segmented", "dense", "jagged")
 FROM_SCRATCH = "none"
 """model.pretrained=none: no ImageNet weights, on purpose (logged as such)."""
 
@@ -98,11 +96,7 @@ class ModelConfig:
         _check_int(self, "aspp_channels", minimum=1)
         _check_choice(self, "context", CONTEXTS)
         _check_choice(self, "graph", GRAPHS)
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
-            raise ValueError(f"ModelConfig.ratio must be a number in [0, 1], got {self.ratio!r}")
-        self.ratio = float(self.ratio)
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"ModelConfig.ratio must be in [0, 1], got {self.ratio}")
+        self.ratio = check_ratio(self.ratio, "ModelConfig.ratio")
         if not isinstance(self.parts, tuple) or not self.parts:
             raise ValueError(f"ModelConfig.parts must be a non-empty tuple, got {self.parts!r}")
         unknown = [p for p in self.parts if p not in PARTS]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+FUSIONS = ("concat", "sum")
+
 
 class Classifier(nn.Sequential):
     """Channel dropout then a 1x1 conv to class logits: (B, cin, h, w) -> (B, M, h, w)."""
@@ -52,8 +54,8 @@ class FusionHead(nn.Module):
 
     def __init__(self, channels: int, num_classes: int, fusion: str, dropout: float) -> None:
         super().__init__()
-        if fusion not in ("concat", "sum"):
-            raise ValueError(f"fusion must be 'concat' or 'sum', got {fusion!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.fusion = fusion
         cin = 2 * channels if fusion == "concat" else channels
         self.classifier = Classifier(cin, num_classes, dropout)

@@ -92,8 +92,12 @@ def final_logits(out: dict[str, Tensor]) -> Tensor:
     return out["refined"] if "refined" in out else out["coarse"]
 
 
+# The paper trains the whole network at one learning rate (sec. 4.2); presets may raise it.
+HEAD_LR_MULT = 1.0
+
+
 def param_groups(
-    model: nn.Module, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 0.0
+    model: nn.Module, lr: float, head_lr_mult: float = HEAD_LR_MULT, weight_decay: float = 0.0
 ) -> list[dict]:
     """Two optimizer groups: pretrained backbone at lr, everything else at lr * head_lr_mult.
 

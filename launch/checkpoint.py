@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from launch.distributed import barrier
+
 MARKER = "COMPLETE"
 PREFIX = "iter_"
 _HASH_CHUNK = 1 << 20
@@ -69,11 +71,6 @@ class CheckpointInfo:
 
 def tag_for(iteration: int) -> str:
     return f"{PREFIX}{iteration:08d}"
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _rank() -> int:
@@ -345,10 +342,9 @@ def _disk_full(root: Path, exc: BaseException) -> bool:
 class CheckpointManager:
     """Save (with COMPLETE marker, keep-last-k) and locate DeepSpeed checkpoints of one run."""
 
-    def __init__(self, run_dir: str | Path, keep: int, crash_in_save_at: int | None = None):
+    def __init__(self, run_dir: str | Path, keep: int):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
-        self.crash_in_save_at = crash_in_save_at
 
     def save(self, engine, iteration: int, client_state: dict, meta: dict) -> Path:
         """Collective: every rank calls it. Refuses to save non-finite weights. A failed save
@@ -363,7 +359,7 @@ class CheckpointManager:
         path = self.root / tag
         if _rank() == 0 and path.exists():
             shutil.rmtree(path)  # a leftover of a crashed save at the same iteration
-        _barrier()
+        barrier()
         failure = None
         try:
             engine.save_checkpoint(
@@ -371,18 +367,15 @@ class CheckpointManager:
             )
         except Exception as e:
             failure = e
-            _barrier()  # the one DeepSpeed's save ends with, where the other ranks wait
-        if self.crash_in_save_at == iteration:
-            # Fault injection: die after the files are written, before the save counts.
-            os.kill(os.getpid(), 9)
-        _barrier()  # every rank's files are written, or its save failed
+            barrier()  # the one DeepSpeed's save ends with, where the other ranks wait
+        barrier()  # every rank's files are written, or its save failed
         if failure is None and _rank() == 0:
             failure = self._mark_complete(path, iteration, meta)
         if not all_ranks_true(failure is None):
             self._abandon(path, iteration, failure)
         if _rank() == 0:
             self._prune(iteration)  # only now: the new checkpoint is complete and verified
-        _barrier()
+        barrier()
         return path
 
     def _mark_complete(self, path: Path, iteration: int, meta: dict) -> Exception | None:
@@ -402,7 +395,7 @@ class CheckpointManager:
         full = failure is not None and _disk_full(self.root, failure)
         if _rank() == 0:
             shutil.rmtree(path, ignore_errors=True)
-        _barrier()
+        barrier()
         previous = latest_complete(self.root)
         kept = f"{previous.path} is intact" if previous else "there is no earlier checkpoint"
         if full:

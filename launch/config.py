@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from cdgcnet.config import FROM_SCRATCH, ModelConfig, model_preset
+from cdgcnet.model import HEAD_LR_MULT
 from pipeline.datasets import DATASETS, DatasetSpec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -170,7 +171,7 @@ class OptimConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    head_lr_mult: float = 1.0
+    head_lr_mult: float = HEAD_LR_MULT
     """LR multiplier of the heads (ASPP, CDGC, classifiers) over the backbone."""
     nesterov: bool = False
     grad_clip: float = 0.0
@@ -278,7 +279,7 @@ class CheckpointConfig:
 
 @dataclass
 class RuntimeConfig:
-    """Where the run lives, precision, ZeRO stage and the fault-injection switches."""
+    """Where the run lives, precision, ZeRO stage and the non-finite loss limit."""
 
     run_dir: str = "runs/cityscapes"
     seed: int = 0
@@ -293,24 +294,12 @@ class RuntimeConfig:
     broadcasts and flattens them as contiguous buffers."""
     max_nonfinite: int = 5
     """Stop with an error after this many non-finite losses in a row (each one skips its step)."""
-    inject_nonfinite_at: tuple[int, ...] = ()
-    """Test switch: make the loss NaN at these iterations."""
-    fail_once_at: int | None = None
-    """Test switch: raise RuntimeError once at this iteration (a marker in run_dir remembers)."""
-    kill_at: int | None = None
-    """Test switch: SIGKILL every rank right after this iteration (and its checkpoint)."""
-    crash_in_save_at: int | None = None
-    """Test switch: SIGKILL every rank inside the checkpoint save of this iteration."""
-    resume_data: bool = True
-    """False: a resumed run restarts the data stream from scratch (the control of the
-    exact-resume test; normal runs keep True)."""
     cpu_shm_comm: bool = False
     """Use DeepSpeed's shared-memory CPU all-reduce op (JIT-compiled on first use, ~2.5 min)."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
 
     def __post_init__(self) -> None:
-        self.inject_nonfinite_at = tuple(int(i) for i in self.inject_nonfinite_at)
         _check_run_dir(self.run_dir)
         _require(_is_int(self.seed), f"runtime.seed must be an int, got {self.seed!r}")
         _require(
@@ -322,12 +311,6 @@ class RuntimeConfig:
             f"runtime.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}",
         )
         _require_int("runtime.max_nonfinite", self.max_nonfinite, 1)
-        for name in ("fail_once_at", "kill_at", "crash_in_save_at"):
-            v = getattr(self, name)
-            _require(
-                v is None or (_is_int(v) and v >= 1),
-                f"runtime.{name} must be null or an iteration >= 1, got {v!r}",
-            )
 
 
 @dataclass
@@ -621,6 +604,12 @@ def _build(cls: type, d: dict, prefix: str, base: Any = None) -> Any:
 def from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
     """TrainConfig from a nested dict (fields absent from `d` come from `base` or the defaults)."""
     return _build(TrainConfig, d, "", base=base)
+
+
+def model_config(d: dict) -> ModelConfig:
+    """ModelConfig from the "model" section of a config dict (YAML/JSON values coerced and
+    checked as in a TrainConfig); the one dict -> ModelConfig path."""
+    return _build(ModelConfig, d, "model")
 
 
 def flatten(cfg: TrainConfig) -> dict[str, str]:

@@ -299,3 +299,18 @@ def convert_sync_batchnorm(model: nn.Module, device: str) -> nn.Module:
         return module
 
     return convert(model)
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_gather_object(obj: object) -> list:
+    """[obj of rank 0, obj of rank 1, ...]; [obj] without a process group or in a world of one."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -160,7 +160,7 @@ def _evaluate(args, cfg, spec, model, iteration, world, device) -> int:
     if tracker.run_id:
         print(f"MLflow run {tracker.run_id} ({tracker.tracking_uri})", flush=True)
     if args.json:
-        from launch.visualize import write_atomic
+        from pipeline.atomic import write_atomic
 
         write_atomic(args.json, (json.dumps(metrics, indent=1) + "\n").encode())
     return 0

@@ -1,4 +1,5 @@
-"""Evaluation over an EvalStream: confusion matrix, all-reduced across ranks.
+"""Evaluation: the confusion matrix over an EvalStream (all-reduced across ranks), the inputs of
+the pictures from one forward of the model, and the training run's periodic evaluation.
 
 Multi-scale, flipped, sliding-window inference multiplies the passes per image (6 scales x 2
 flips x several windows); on a CPU that is minutes per image. The progress bar counts images
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,6 +24,9 @@ from tqdm import tqdm
 from cdgcnet.inference import predict_logits
 from cdgcnet.losses import validate_labels
 from cdgcnet.metrics import ConfusionMatrix
+from launch.hooks import Hook, StepResult
+from launch.resume import isolated
+from launch.visualize import pictures_for_sample
 
 LONG_EVAL_S = 600.0
 """Expected evaluation times above this get a warning (after the first image)."""
@@ -167,3 +172,120 @@ def evaluate_run(
         device=device,
         progress=progress,
     )
+
+
+@torch.no_grad()
+def picture_inputs(model: nn.Module, sample: dict) -> dict[str, np.ndarray]:
+    """What the pictures of one EvalStream sample show, from one eval-mode forward, as numpy:
+    "image" (H, W, 3) uint8, "label" and "pred" (H, W); with a class-wise CDGC module also
+    "feature" X and "refined" R (C, h, w), "grid_label" (h, w) (the label as the module resizes
+    it) and the dynamic-sampling parts (CDGCModule.node_parts) "easy" / "hard_pos" / "hard_neg"
+    (M, h, w) bool, those the module's `parts` name.
+
+    The RNG of the model's device is forked (node_parts draws the easy positives from it), so
+    training randomness is untouched. Under ZeRO-3 call it on every rank (the forward gathers
+    parameters) or pass an unpartitioned copy.
+    """
+    from cdgcnet.cdgc import CDGCModule, resize_target
+    from cdgcnet.model import final_logits
+
+    net = getattr(model, "module", model)
+    device = next(net.parameters()).device
+    label = sample["label"].long()  # (1, H, W)
+    data = {
+        "image": np.asarray(sample["image_uint8"], dtype=np.uint8),
+        "label": label[0].cpu().numpy(),
+    }
+    was_training = net.training
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        net.eval()
+        try:
+            out = net(sample["image"].to(device), return_features=True)
+            logits = F.interpolate(
+                final_logits(out).float(),
+                size=label.shape[-2:],
+                mode="bilinear",
+                align_corners=False,
+            )
+            data["pred"] = logits.argmax(1)[0].cpu().numpy()  # (H, W)
+            ctx = getattr(net, "context", None)
+            if isinstance(ctx, CDGCModule) and ctx.class_wise and "context" in out:
+                coarse = out["coarse"]  # (1, M, h, w)
+                target = label.to(device)
+                for name, part in ctx.node_parts(coarse, target).items():
+                    data[name] = part[0].cpu().numpy()  # (M, h, w)
+                data["grid_label"] = resize_target(target, coarse.shape[-2:])[0].cpu().numpy()
+                data["feature"] = out["feature"][0].float().cpu().numpy()
+                data["refined"] = out["context"][0].float().cpu().numpy()
+        finally:
+            net.train(was_training)
+    return data
+
+
+class Evaluator(Hook):
+    """Validation every `eval.every` iterations and at the last one: the metrics, the pictures of
+    the first `eval.num_pictures` validation images (rank 0), both handed to the run's log, and
+    the on_eval(iteration, metrics) callback (rank 0). Runs without moving the training RNG."""
+
+    def __init__(self, trainer, val_stream, on_eval: Callable[[int, dict], None] | None):
+        """trainer: the launch.trainer Trainer whose engine is evaluated."""
+        self.trainer, self.val_stream, self.on_eval = trainer, val_stream, on_eval
+        self.cfg, self.world = trainer.cfg, trainer.world
+        self.spec = trainer.spec
+        self.last: dict = {}
+        with isolated():
+            self.samples = self._picture_samples()
+
+    def _picture_samples(self) -> list[dict]:
+        from pipeline.reader import EvalStream
+
+        n = self.cfg.eval.num_pictures
+        if n == 0 or not self.world.is_main or self.cfg.runtime.zero_stage == 3:
+            return []  # ZeRO-3 forward is collective: no rank-0-only pictures
+        out = []
+        for sample in EvalStream(Path(self.cfg.data.root) / self.cfg.data.val_split):
+            out.append(sample)
+            if len(out) == n:
+                break
+        return out
+
+    def after_step(self, step: StepResult) -> None:
+        it, every = step.iteration, self.cfg.eval.every
+        if (every and it % every == 0) or it == self.cfg.schedule.iterations:
+            with isolated():
+                self.evaluate(it)
+            self.trainer.engine.train()
+
+    def final(self) -> dict:
+        """The last evaluation's metrics; a run resumed at its end evaluates the final weights."""
+        if not self.last:
+            self.evaluate(self.cfg.schedule.iterations)
+        return self.last
+
+    def evaluate(self, iteration: int) -> dict:
+        t = self.trainer
+        model = t.engine.module
+        cm = evaluate_run(
+            model,
+            self.val_stream,
+            self.cfg,
+            self.spec.num_classes,
+            t.device,
+            self.cfg.runtime.progress,
+        )
+        self.last = {
+            "miou": float(cm.miou()),
+            "pixel_accuracy": float(cm.pixel_accuracy()),
+            "iou": [float(v) for v in cm.iou()],
+            "iteration": iteration,
+        }
+        if self.world.is_main:
+            pictures = [
+                (str(s.get("key", i)), pictures_for_sample(picture_inputs(model, s), self.spec))
+                for i, s in enumerate(self.samples)
+            ]
+            t.log.log_evaluation(cm, self.last, pictures, self.spec.class_names)
+            if self.on_eval is not None:
+                self.on_eval(iteration, self.last)
+        return self.last

@@ -15,11 +15,9 @@ run or ``checkpoints/`` folder falls back past damaged checkpoints to the newest
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +25,13 @@ import torch
 from torch import nn
 
 from cdgcnet.config import ModelConfig
+from launch.checkpoint import CheckpointError
+from launch.config import ConfigError, TrainConfig, model_config, to_dict
+from launch.distributed import barrier
+from pipeline.atomic import atomic_path
 
 FORMAT = "cdgcnet-export-v1"
 _MODEL_STATES = "mp_rank_00_model_states.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or export that cannot be used; the message names the file and the reason."""
 
 
 def save_exported(
@@ -54,15 +52,30 @@ def save_exported(
     payload = {"model": state, "config": _plain(cfg_dict), "format": FORMAT}
     if meta:
         payload["meta"] = _plain(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def export_trained(engine, cfg: TrainConfig, ckpt_root: Path, world, metrics: dict) -> Path:
+    """The trained weights as an fp32 export, <run_dir>/model.pt (collective; rank 0 writes).
+    Under ZeRO-3 they are consolidated from the newest checkpoint in ckpt_root."""
+    path = Path(cfg.runtime.run_dir) / "model.pt"
+    if cfg.runtime.zero_stage == 3:
+        from launch.checkpoint import fp32_state_dict
+
+        tag = max(p.name for p in ckpt_root.iterdir() if p.name.startswith("iter_"))
+        state = fp32_state_dict(ckpt_root / tag) if world.is_main else None
+    else:
+        state = {
+            k: v.float() if v.is_floating_point() else v
+            for k, v in engine.module.state_dict().items()
+        }
+    if world.is_main:
+        meta = {"iteration": metrics.get("iteration"), "miou": metrics.get("miou")}
+        save_exported(state, to_dict(cfg), path, meta=meta)
+        print(f"exported fp32 model: {path}", flush=True)
+    barrier()
+    return path
 
 
 def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
@@ -115,15 +128,9 @@ def model_config_from_dict(cfg_dict: dict, *, source: str | os.PathLike) -> Mode
     model = cfg_dict.get("model") if isinstance(cfg_dict, dict) else None
     if not isinstance(model, dict):
         raise CheckpointError(f"{source}: config has no 'model' section")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(model) - names)
-    if unknown:
-        raise CheckpointError(f"{source}: unknown model config keys {unknown}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
-    kwargs["pretrained"] = None
     try:
-        return ModelConfig(**kwargs)
-    except (TypeError, ValueError) as e:
+        return model_config({**model, "pretrained": None})
+    except ConfigError as e:
         raise CheckpointError(f"{source}: invalid model config: {e}") from e
 
 

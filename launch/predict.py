@@ -182,7 +182,8 @@ def predict_folder(
     from tqdm import tqdm
 
     from cdgcnet.inference import predict_logits
-    from launch.visualize import colorize, overlay, save_png, write_atomic
+    from launch.visualize import colorize, overlay, save_png
+    from pipeline.atomic import write_atomic
     from pipeline.transforms import normalize
 
     e = cfg.eval

@@ -265,18 +265,16 @@ class Tracker:
         self._client.log_figure(self.run_id, fig, f"{base}/confusion.png")
 
     def log_pictures(
-        self, model: torch.nn.Module, samples: Sequence[dict], cfg: Any, step: int
+        self, pictures: Sequence[tuple[str, Mapping[str, np.ndarray]]], step: int
     ) -> None:
-        """Overlays, Fig. 4 sampling and Fig. 6 feature pictures for a few EvalStream samples."""
-        if not self.enabled or self.run_id is None or not samples:
+        """PNG artifacts under pictures/step_<step>/: (sample key, {picture name: RGB}) pairs,
+        as launch.evaluation makes them (overlays, Fig. 4 sampling, Fig. 6 features)."""
+        if not self.enabled or self.run_id is None or not pictures:
             return
-        from launch.visualize import pictures_for_sample
-
         base = f"pictures/step_{int(step):07d}"
-        for i, sample in enumerate(samples):
-            key = metric_key(str(sample.get("key", i)))
-            for name, rgb in pictures_for_sample(model, sample, cfg).items():
-                self.log_image(rgb, f"{base}/{i:02d}_{key}_{name}.png")
+        for i, (key, named) in enumerate(pictures):
+            for name, rgb in named.items():
+                self.log_image(rgb, f"{base}/{i:02d}_{metric_key(key)}_{name}.png")
 
 
 def iou_table_markdown(cm: ConfusionMatrix, class_names: Sequence[str]) -> str:

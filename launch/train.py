@@ -19,6 +19,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,6 +32,9 @@ from launch.distributed import (
     prepare_accelerator,
     world_from_env,
 )
+
+if TYPE_CHECKING:
+    from launch.hooks import Hook
 
 EPILOG = f"""
 config: a preset ({", ".join(PRESETS)}) or a .yaml/.json file (which may say `preset: NAME`
@@ -136,10 +140,12 @@ def run(
     on_eval: Callable[[int, dict], None] | None = None,
     resume: str = "auto",
     nodes: int | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> dict:
     """Train in this process (a launcher may have started several); returns the final metrics
     {"miou", "pixel_accuracy", "iou", "iteration", "run_id"}. on_eval(iteration, metrics) is
-    called on rank 0 after each evaluation."""
+    called on rank 0 after each evaluation; hooks (launch.hooks.Hook) run after the trainer's
+    own around every step."""
     check_pretrained(cfg)
     world = world_from_env()
     check_nodes(nodes, world)
@@ -148,7 +154,7 @@ def run(
     init_distributed(world, cpu_shm_comm=cfg.runtime.cpu_shm_comm)
     from launch.trainer import Trainer
 
-    return Trainer(cfg, world, on_eval=on_eval).fit(resume=resume)
+    return Trainer(cfg, world, on_eval=on_eval, hooks=hooks).fit(resume=resume)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

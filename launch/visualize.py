@@ -11,24 +11,32 @@ Legend: H x W image, h x w feature grid, M classes, C channels.
 - Fig. 6 style (``feature_picture``): image | ground truth | feature X | refined feature R, the
   two features shown as their first principal component over the pixels of one class (PCA per
   feature), min-max scaled inside the class and drawn with a colour map; other pixels grey.
+- Both carry a legend strip below the panels (``legend``): the class by name and palette colour,
+  the marker colours of the three parts (Fig. 4), the classes of the ground truth (Fig. 6).
+- ``pictures_for_sample`` draws them from what ``launch.evaluation.picture_inputs`` took from one
+  forward of the model; nothing here runs the model or re-derives the module's node sets.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import cv2
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure  # pyplot-free: no global backend or figure registry
 
+from cdgcnet.labels import LabelSpec
+from pipeline.atomic import write_atomic
+
 EASY_COLOUR = (0, 255, 0)
 HARD_POS_COLOUR = (255, 0, 0)
 HARD_NEG_COLOUR = (0, 0, 255)
 OUTSIDE_GREY = (64, 64, 64)
+PART_COLOURS = {"easy": EASY_COLOUR, "hard_pos": HARD_POS_COLOUR, "hard_neg": HARD_NEG_COLOUR}
+PART_NAMES = {"easy": "easy positive", "hard_pos": "hard positive", "hard_neg": "hard negative"}
+LEGEND_BACKGROUND = (255, 255, 255)
 _DIM = 0.35  # dimmed image stays <= 90 per channel, below every marker colour's 255
 
 
@@ -62,28 +70,14 @@ def prediction_panel(image: np.ndarray, label: np.ndarray, pred: np.ndarray, pal
     )
 
 
-def sampling_parts(
-    coarse_pred: np.ndarray, target: np.ndarray, nodes: np.ndarray, cls: int
-) -> dict[str, np.ndarray]:
-    """Split V_m of class cls into easy / hard_pos / hard_neg, all (h, w) bool on the grid.
-
-    coarse_pred (h, w) argmax of the coarse logits, target (h, w) ground truth on the grid,
-    nodes (h, w) bool: V_m from CDGCModule.node_sets.
-    """
-    c = coarse_pred == cls
-    g = target == cls
-    return {"easy": nodes & c & g, "hard_pos": nodes & g & ~c, "hard_neg": nodes & c & ~g}
-
-
 def sampling_picture(image: np.ndarray, parts: dict[str, np.ndarray]) -> np.ndarray:
     """Fig. 4 style: (H, W, 3) dimmed image with the node-set cells painted by part."""
     h_img, w_img = image.shape[:2]
     _check_image(image, (h_img, w_img))
     out = np.rint(image.astype(np.float32) * _DIM).astype(np.uint8)
-    colours = {"easy": EASY_COLOUR, "hard_pos": HARD_POS_COLOUR, "hard_neg": HARD_NEG_COLOUR}
     for name, grid in parts.items():
         cells = upsample_mask(grid, (h_img, w_img))
-        out[cells] = colours[name]
+        out[cells] = PART_COLOURS[name]
     return out
 
 
@@ -121,32 +115,52 @@ def feature_picture(
     label: np.ndarray,
     feature: np.ndarray,
     refined: np.ndarray,
-    cls: int,
+    class_mask: np.ndarray,
     palette,
 ) -> np.ndarray:
     """Fig. 6 style: image | ground truth | X (first PC in class) | R (first PC) -> (H, 4W, 3).
 
-    label (H, W) train ids; feature, refined (C, h, w) on the feature grid.
+    label (H, W) train ids; feature, refined (C, h, w) on the feature grid; class_mask (h, w)
+    bool: the grid cells of the class (the ground truth as the CDGC module resizes it).
     """
     h_img, w_img = label.shape
     _check_image(image, label.shape)
-    grid_mask = _grid_mask(label == cls, feature.shape[-2:])
     panels = [image, colorize(label, palette)]
     cmap = matplotlib.colormaps["viridis"]
+    inside = upsample_mask(class_mask, (h_img, w_img))
     for f in (feature, refined):
-        pc = first_component(f, grid_mask)  # (h, w)
+        pc = first_component(f, class_mask)  # (h, w)
         pc_img = cv2.resize(pc, (w_img, h_img), interpolation=cv2.INTER_NEAREST)
-        inside = upsample_mask(grid_mask, (h_img, w_img))
         rgb = (cmap(pc_img)[..., :3] * 255).round().astype(np.uint8)
         rgb[~inside] = OUTSIDE_GREY
         panels.append(rgb)
     return np.concatenate(panels, axis=1)
 
 
-def _grid_mask(mask: np.ndarray, grid: Sequence[int]) -> np.ndarray:
-    """(H, W) bool -> (h, w) bool by nearest resize (as the CDGC module resizes targets)."""
-    h, w = int(grid[0]), int(grid[1])
-    return cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+def legend(width: int, entries: Sequence[tuple[str, Sequence[int]]]) -> np.ndarray:
+    """A white (h, width, 3) strip of colour swatches with their names, wrapped into rows."""
+    font, scale, thick = cv2.FONT_HERSHEY_SIMPLEX, 0.35, 1
+    row_h, swatch, gap = 16, 10, 8
+    placed, x, row = [], gap // 2, 0
+    for text, colour in entries:
+        text_w = cv2.getTextSize(text, font, scale, thick)[0][0]
+        item_w = swatch + 4 + text_w + gap
+        if x > gap // 2 and x + item_w > width:  # wrap; an item wider than a row gets its own
+            x, row = gap // 2, row + 1
+        placed.append((x, row, text, colour))
+        x += item_w
+    out = np.empty((row_h * (row + 1) + 2, width, 3), np.uint8)
+    out[:] = LEGEND_BACKGROUND
+    for x, row, text, colour in placed:
+        top = row * row_h + 3
+        out[top : top + swatch, x : x + swatch] = colour
+        cv2.putText(out, text, (x + swatch + 4, top + swatch - 1), font, scale, (0, 0, 0), thick)
+    return out
+
+
+def with_legend(picture: np.ndarray, entries: Sequence[tuple[str, Sequence[int]]]) -> np.ndarray:
+    """The picture with its legend strip below: (H + h, W, 3)."""
+    return np.concatenate([picture, legend(picture.shape[1], entries)], axis=0)
 
 
 def confusion_figure(mat: np.ndarray, class_names: Sequence[str], normalize: bool = True) -> Figure:
@@ -183,35 +197,11 @@ def confusion_figure(mat: np.ndarray, class_names: Sequence[str], normalize: boo
 
 def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
     """Write an RGB (or single-channel) uint8 array as PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arr = rgb[..., ::-1] if rgb.ndim == 3 else rgb  # OpenCV writes BGR
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr))
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
     write_atomic(path, buf.tobytes())
-
-
-def _umask() -> int:
-    """The process umask (reading it means setting it; put straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to a temporary file beside path, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_image(image: np.ndarray, shape: Sequence[int]) -> None:
@@ -221,82 +211,56 @@ def _check_image(image: np.ndarray, shape: Sequence[int]) -> None:
         raise ValueError(f"image {image.shape[:2]} and mask {tuple(shape)} differ in size")
 
 
-def pictures_for_sample(model, sample: dict, cfg) -> dict[str, np.ndarray]:
-    """The pictures logged for one EvalStream sample: "prediction", and with a class-wise CDGC
-    module also "sampling" (Fig. 4) and "features" (Fig. 6), all for the class with the most
-    hard samples in this image.
-
-    The model runs in eval mode under a forked RNG, so training randomness is untouched; the
-    dynamic-sampling node sets are those the module would use in training (graph, ratio and
-    parts from its config, target = this sample's label). Under ZeRO-3 call this on every rank
-    (the forward gathers parameters) or pass an unpartitioned copy.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from cdgcnet.cdgc import CDGCModule
-    from cdgcnet.labels import LABEL_SPECS
-    from cdgcnet.model import final_logits
-
-    net = getattr(model, "module", model)
-    palette = LABEL_SPECS[cfg.dataset].palette
-    device = next(net.parameters()).device
-    image_u8 = np.asarray(sample["image_uint8"], dtype=np.uint8)  # (H, W, 3)
-    label = sample["label"].long()  # (1, H, W)
-    label_np = label[0].cpu().numpy()
-    was_training = net.training
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
-        net.eval()
-        try:
-            out = net(sample["image"].to(device), return_features=True)
-            logits = F.interpolate(
-                final_logits(out).float(),
-                size=label.shape[-2:],
-                mode="bilinear",
-                align_corners=False,
-            )
-            pred = logits.argmax(1)[0].cpu().numpy()  # (H, W)
-            pictures = {"prediction": prediction_panel(image_u8, label_np, pred, palette)}
-            ctx = getattr(net, "context", None)
-            if isinstance(ctx, CDGCModule) and ctx.class_wise and "context" in out:
-                coarse = out["coarse"]  # (1, M, h, w)
-                ctx.train()  # node sets as in training: dynamic sampling with the target
-                nodes = ctx.node_sets(coarse, label.to(device))[0].cpu().numpy()  # (M, h, w)
-                grid = coarse.shape[-2:]
-                target_grid = F.interpolate(label[:, None].double(), size=grid, mode="nearest")
-                target_grid = target_grid[0, 0].long().numpy()  # (h, w)
-                coarse_pred = coarse.argmax(1)[0].cpu().numpy()
-                cls = _most_interesting_class(coarse_pred, target_grid, nodes)
-                if cls is not None:
-                    parts = sampling_parts(coarse_pred, target_grid, nodes[cls], cls)
-                    pictures["sampling"] = np.concatenate(
-                        [image_u8, sampling_picture(image_u8, parts)], axis=1
-                    )
-                    pictures["features"] = feature_picture(
-                        image_u8,
-                        label_np,
-                        out["feature"][0].float().cpu().numpy(),
-                        out["context"][0].float().cpu().numpy(),
-                        cls,
-                        palette,
-                    )
-        finally:
-            net.train(was_training)
+def pictures_for_sample(data: dict[str, np.ndarray], spec: LabelSpec) -> dict[str, np.ndarray]:
+    """The pictures of one validation sample, from ``launch.evaluation.picture_inputs``:
+    "prediction" (image | ground truth | prediction | overlay), and when the data holds the CDGC
+    module's node parts, "sampling" (Fig. 4) and "features" (Fig. 6) with their legends, both for
+    the class with the most hard samples in this image."""
+    image, label = data["image"], data["label"]
+    pictures = {"prediction": prediction_panel(image, label, data["pred"], spec.palette)}
+    parts = {name: data[name] for name in PART_COLOURS if name in data}
+    cls = _most_interesting_class(parts, data["grid_label"]) if parts else None
+    if cls is None:
+        return pictures
+    name, colour = spec.class_names[cls], _rgb(spec.palette[cls])
+    sampling = np.concatenate(
+        [image, sampling_picture(image, {k: v[cls] for k, v in parts.items()})], axis=1
+    )
+    pictures["sampling"] = with_legend(
+        sampling,
+        [(f"node set of {name}:", colour), *((PART_NAMES[k], PART_COLOURS[k]) for k in parts)],
+    )
+    features = feature_picture(
+        image, label, data["feature"], data["refined"], data["grid_label"] == cls, spec.palette
+    )
+    present = [int(c) for c in np.unique(label) if c < len(spec.class_names)]
+    pictures["features"] = with_legend(
+        features,
+        [
+            (f"X, R: 1st principal component inside {name}", colour),
+            *((spec.class_names[c], _rgb(spec.palette[c])) for c in present),
+        ],
+    )
     return pictures
 
 
-def _most_interesting_class(coarse_pred, target_grid, nodes) -> int | None:
-    """The class with the most hard samples (then most ground-truth cells) that has nodes."""
+def _rgb(colour: Sequence[int]) -> tuple[int, int, int]:
+    r, g, b = (int(v) for v in colour)
+    return r, g, b
+
+
+def _most_interesting_class(parts: dict[str, np.ndarray], grid_label: np.ndarray) -> int | None:
+    """The class with the most hard samples (then most ground-truth cells) that has nodes.
+    parts: name -> (M, h, w) bool; grid_label (h, w)."""
+    zeros = np.zeros_like(next(iter(parts.values())))
+    hard = parts.get("hard_pos", zeros) | parts.get("hard_neg", zeros)  # (M, h, w)
+    nodes = np.logical_or.reduce(list(parts.values()))  # (M, h, w)
     best, best_key = None, (-1, -1)
     for m in range(nodes.shape[0]):
-        if not nodes[m].any() or not (target_grid == m).any():
+        truth = int((grid_label == m).sum())
+        if not nodes[m].any() or truth == 0:
             continue
-        parts = sampling_parts(coarse_pred, target_grid, nodes[m], m)
-        key = (
-            int(parts["hard_pos"].sum() + parts["hard_neg"].sum()),
-            int((target_grid == m).sum()),
-        )
+        key = (int(hard[m].sum()), truth)
         if key > best_key:
             best, best_key = m, key
     return best

@@ -19,6 +19,8 @@ from typing import Any
 
 from cdgcnet.labels import LABEL_SPECS, LabelSpec
 
+from .atomic import write_json_atomic
+
 MANIFEST_NAME = "manifest.json"
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -142,21 +144,6 @@ def read_manifest(split_dir: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON: {e}") from None
     return validate_manifest(m, path)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to a temporary name in the same folder, fsync, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_manifest(split_dir: str | os.PathLike, manifest: dict) -> Path:

@@ -51,8 +51,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .atomic import write_json_atomic
 from .datasets import DATASETS, DatasetSpec
-from .manifest import MANIFEST_NAME, ManifestError, read_manifest, write_json_atomic, write_manifest
+from .manifest import MANIFEST_NAME, ManifestError, read_manifest, write_manifest
 from .shards import DEFAULT_LIMITS, TAR_FIELDS, Limits, add_limit_args, sample_members
 from .sources import SampleError, SourceError, SourceSample, load_sample
 

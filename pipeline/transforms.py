@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from cdgcnet.labels import IGNORE_INDEX
+
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255 scale
 IMAGENET_STD = (58.395, 57.12, 57.375)
-IGNORE_INDEX = 255
 
 _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
 _INV_STD = 1.0 / np.asarray(IMAGENET_STD, dtype=np.float32)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cdgcnet.inference import MS_SCALES
 from sweeps.common import (
     absolute,
     add_common_args,
@@ -32,7 +33,7 @@ from sweeps.common import (
 )
 from sweeps.mlflow_server import tracking_server
 from sweeps.runner import SweepSpec, cpu_count, experiment_id, fit, mlflow_client
-from sweeps.tables import MS_SCALES, TABLES, Row, Table
+from sweeps.tables import TABLES, Row, Table
 
 MIOU_METRIC = "val/miou"  # logged by launch.tracking.Tracker.log_evaluation
 

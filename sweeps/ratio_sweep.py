@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cdgcnet.cdgc import check_ratio
+from cdgcnet.heads import FUSIONS
 from sweeps.common import (
     SEARCH_KEYS,
     absolute,
@@ -44,7 +46,6 @@ from sweeps.runner import (
 from sweeps.trial import FINISHED_KEY
 
 RATIOS = (0.2, 0.4, 0.6, 0.8, 1.0)  # the paper's easy-positive sampling ratios (Table 3, 5)
-FUSIONS = ("concat", "sum")
 # Loss weights around the paper's alpha 0.6, beta 0.7, gamma 0.4 (eq. 5).
 ALPHAS = (0.4, 0.6, 0.8, 1.0)
 BETAS = (0.5, 0.7, 1.0)
@@ -64,8 +65,7 @@ def search_space(
     ratios = list(ratios or ((0.4, 1.0) if smoke else RATIOS))
     fusions = list(fusions or FUSIONS)
     for r in ratios:
-        if not 0.0 <= r <= 1.0:
-            raise ValueError(f"--ratios: {r} is not in [0, 1]")
+        check_ratio(r, "--ratios: each ratio")
     for f in fusions:
         if f not in FUSIONS:
             raise ValueError(f"--fusions: {f!r} is not one of {FUSIONS}")

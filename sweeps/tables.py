@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MS_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-
 
 @dataclass(frozen=True)
 class Row:

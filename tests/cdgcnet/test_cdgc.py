@@ -321,8 +321,8 @@ def test_checkpoint_gives_identical_gradients(impl, class_wise):
         ({"parts": ("easy", "hard")}, "parts must be a non-empty subset"),
         ({"parts": ()}, "parts must be a non-empty subset"),
         ({"parts": "easy"}, "parts must be a sequence"),
-        ({"ratio": 1.5}, r"ratio must lie in \[0, 1\]"),
-        ({"ratio": -0.1}, r"ratio must lie in \[0, 1\]"),
+        ({"ratio": 1.5}, r"ratio must be a number in \[0, 1\]"),
+        ({"ratio": -0.1}, r"ratio must be a number in \[0, 1\]"),
         ({"parts": ("easy",), "ratio": 0.0}, "graph=.ds. with parts=.*samples no node"),
     ],
 )

@@ -48,7 +48,7 @@ def test_unknown_preset():
         ("graph", "knn", "graph must be one of"),
         ("fusion", "mul", "fusion must be one of"),
         ("impl", "fast", "impl must be one of"),
-        ("ratio", 1.5, r"ratio must be in \[0, 1\]"),
+        ("ratio", 1.5, r"ratio must be a number in \[0, 1\]"),
         ("ratio", "high", "ratio must be a number"),
         ("parts", ("easy", "medium"), "parts must be distinct names"),
         ("parts", ("easy", "easy"), "parts must be distinct names"),

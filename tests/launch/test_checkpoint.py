@@ -82,9 +82,10 @@ def test_crash_during_save_resumes_from_previous_complete(tmp_path, tmp_path_fac
         "logging.every=1",
     )
     proc = run(
-        python_cmd(args(shards, run_dir, *common, "runtime.crash_in_save_at=4", mlflow=True)),
+        python_cmd(args(shards, run_dir, *common, mlflow=True)),
         tmp_path,
         check=False,
+        faults={"crash_in_save_at": 4},
     )
     assert proc.returncode == -9  # SIGKILL inside the save of iteration 4
     ck = run_dir / "checkpoints"

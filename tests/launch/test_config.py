@@ -64,14 +64,14 @@ def test_overrides_convert_types() -> None:
             "eval.scales=[0.75, 1.0]",
             "eval.flip=true",
             "logging.tags={table: t1}",
-            "runtime.fail_once_at=7",
+            "runtime.max_nonfinite=7",
             "model.parts=[easy, hard_pos]",
             "data.global_batch_size=null",
         ],
     )
     assert cfg.optim.lr == 0.02 and cfg.model.depth == 50
     assert cfg.eval.scales == (0.75, 1.0) and cfg.eval.flip is True
-    assert cfg.logging.tags == {"table": "t1"} and cfg.runtime.fail_once_at == 7
+    assert cfg.logging.tags == {"table": "t1"} and cfg.runtime.max_nonfinite == 7
     assert cfg.model.parts == ("easy", "hard_pos") and cfg.data.global_batch_size is None
     assert preset("cityscapes").optim.lr == 0.01  # presets are fresh objects
 
@@ -216,3 +216,13 @@ def test_sane_values_at_the_edges_are_kept() -> None:
         ["optim.momentum=0", "loss.ohem_thresh=1", "loss.alpha=0", "runtime.run_dir=/tmp/x/run"],
     )
     assert (cfg.optim.momentum, cfg.loss.ohem_thresh, cfg.loss.alpha) == (0.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "key", ["inject_nonfinite_at", "fail_once_at", "kill_at", "crash_in_save_at", "resume_data"]
+)
+def test_fault_injection_is_not_part_of_the_config(key) -> None:
+    # Tests break runs through hooks (tests/launch/faults.py), never through the config.
+    assert not any(k.endswith(key) for k in flatten(preset("scenes")))
+    with pytest.raises(ConfigError, match=rf"unknown config key\(s\) \['runtime.{key}'\]"):
+        load_config("scenes", [f"runtime.{key}=1"])

@@ -100,8 +100,15 @@ def test_bad_model_config_is_named(tmp_path):
         E.load_exported(path)
     d["model"]["colour"] = "red"
     E.save_exported({}, d, path)
-    with pytest.raises(E.CheckpointError, match=r"unknown model config keys \['colour'\]"):
+    with pytest.raises(E.CheckpointError, match=r"unknown config key\(s\) \['model\.colour'\]"):
         E.load_exported(path)
+
+
+def test_one_checkpoint_error_class() -> None:
+    from launch import checkpoint
+
+    # Loading an export and resuming a checkpoint fail with the same class: one except clause.
+    assert E.CheckpointError is checkpoint.CheckpointError
 
 
 def test_directory_that_is_not_a_deepspeed_checkpoint(tmp_path):

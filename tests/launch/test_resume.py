@@ -20,6 +20,8 @@ COMMON = (
     "eval.every=0",
     "data.num_workers=1",
 )
+KILL = {"kill_at": N // 2}  # SIGKILL every rank right after the checkpoint at N/2
+FRESH_DATA = {"fresh_data": True}  # resume weights and RNG, restart the data stream
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +31,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("resume")
     full, killed = base / "full", base / "killed"
     run(torchrun_cmd(args(shards, full, *COMMON)), base)
-    proc = run(
-        torchrun_cmd(args(shards, killed, *COMMON, f"runtime.kill_at={N // 2}")), base, check=False
-    )
+    proc = run(torchrun_cmd(args(shards, killed, *COMMON)), base, check=False, faults=KILL)
     assert proc.returncode != 0 and "exitcode: -9" in proc.stderr  # SIGKILL, not an exit
     snapshot = base / "killed_snapshot"  # each test resumes its own copy
     shutil.copytree(killed, snapshot)
@@ -56,10 +56,7 @@ def test_sigkill_then_resume_gives_the_same_losses(runs) -> None:
         assert got[it]["lr"] == want[it]["lr"]
 
     # Control: same weights and RNG, but the data stream from its start -> other losses.
-    run(
-        torchrun_cmd(args(runs["shards"], control, *COMMON, "runtime.resume_data=false")),
-        runs["base"],
-    )
+    run(torchrun_cmd(args(runs["shards"], control, *COMMON)), runs["base"], faults=FRESH_DATA)
     ctl = losses(control)
     assert [ctl[i]["loss"] for i in (1, 2, 3)] == [want[i]["loss"] for i in (1, 2, 3)]
     for it in range(N // 2 + 1, N + 1):

@@ -17,7 +17,9 @@ from cdgcnet.labels import CITYSCAPES
 from cdgcnet.metrics import ConfusionMatrix
 from cdgcnet.model import build_model
 from launch.config import flatten, load_config, to_dict
+from launch.evaluation import picture_inputs
 from launch.tracking import MAX_PARAM_LEN, Tracker, pretrained_params, resolve_tracking_uri
+from launch.visualize import pictures_for_sample
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,8 @@ def test_full_run_is_readable_back(store, tmp_path):
         "label": torch.randint(0, 3, (1, h, w)),
         "image_uint8": np.zeros((h, w, 3), np.uint8),
     }
-    tracker.log_pictures(model, [sample], cfg, step=4)
+    pictures = pictures_for_sample(picture_inputs(model, sample), CITYSCAPES)
+    tracker.log_pictures([(sample["key"], pictures)], step=4)
     tracker.end()
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
@@ -177,7 +180,7 @@ def test_disabled_tracker_is_a_no_op(tmp_path):
     tracker.log_evaluation(_cm(), CITYSCAPES.class_names, step=0)
     tracker.log_text("x", "x.txt")
     tracker.log_dict({"a": 1}, "a.json")
-    tracker.log_pictures(None, [{"key": "k"}], cfg, step=0)
+    tracker.log_pictures([("k", {"prediction": np.zeros((2, 2, 3), np.uint8)})], step=0)
     tracker.end()
     assert tracker.run_id is None and not db.exists()
     # logging.enabled=false switches it off on rank 0 too.

@@ -1,5 +1,6 @@
 """launch.train.run in-process (what the sweeps call, world size 1): on_eval, the final
-metrics, and runtime.fail_once_at raising once, after which a second call resumes."""
+metrics, and a hook that raises once (tests.launch.faults.FailOnce), after which a second call
+resumes."""
 
 from __future__ import annotations
 
@@ -9,21 +10,23 @@ import sys
 
 import pytest
 
-from tests.launch.train_utils import TINY, env, losses, scenes_shards
+from tests.launch.train_utils import REPO, TINY, env, losses, scenes_shards
 
 SCRIPT = """
 import json, sys
+sys.path.insert(0, sys.argv[1])
 from launch.config import load_config
 from launch.train import run
+from tests.launch.faults import FailOnce
 
 cfg = load_config("scenes", sys.argv[2:])
 seen = []
 try:
-    run(cfg, on_eval=lambda it, m: seen.append(it))
-    raise SystemExit("fail_once_at did not fire")
+    run(cfg, on_eval=lambda it, m: seen.append(it), hooks=[FailOnce(2)])
+    raise SystemExit("FailOnce did not fire")
 except RuntimeError as e:
     first_error = str(e)
-result = run(cfg, on_eval=lambda it, m: seen.append((it, m["miou"])))
+result = run(cfg, on_eval=lambda it, m: seen.append((it, m["miou"])), hooks=[FailOnce(2)])
 print("RESULT " + json.dumps({"error": first_error, "seen": seen, "result": result}))
 """
 
@@ -40,10 +43,9 @@ def test_run_in_process_with_fail_once(tmp_path, tmp_path_factory) -> None:
         "schedule.iterations=4",
         "checkpoint.every=2",
         "eval.every=2",
-        "runtime.fail_once_at=2",
     ]
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, "x", *overrides],
+        [sys.executable, "-c", SCRIPT, str(REPO), *overrides],
         cwd=tmp_path,
         env=env(),
         capture_output=True,
@@ -64,7 +66,7 @@ def test_run_in_process_with_fail_once(tmp_path, tmp_path_factory) -> None:
 
 
 def test_loader_watch_warns_once_when_the_loader_is_the_bottleneck() -> None:
-    from launch.trainer import LoaderWatch
+    from launch.train_log import LoaderWatch
 
     watch = LoaderWatch(num_workers=2, window=4, threshold=0.1, skip=2)
     # Start-up steps are skipped even when they mostly wait (the workers are starting).

@@ -35,11 +35,11 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tmp_path
                 "checkpoint.keep=8",
                 "eval.every=0",
                 "runtime.max_nonfinite=3",
-                "runtime.inject_nonfinite_at=[2,4,5,6]",
             )
         ),
         tmp_path,
         check=False,
+        faults={"nonfinite_at": [2, 4, 5, 6]},
     )
     # Iteration 2: one skip, then training goes on; 4, 5, 6: three in a row -> stop.
     assert proc.returncode != 0

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import io
-import types
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from cdgcnet.cdgc import CDGCModule
+from cdgcnet.cdgc import resize_target
 from cdgcnet.config import ModelConfig
 from cdgcnet.labels import CITYSCAPES
 from cdgcnet.model import build_model
+from launch import evaluation as E
 from launch import visualize as V
 
 PALETTE = CITYSCAPES.palette
@@ -64,23 +64,6 @@ def test_sampling_picture_marks_exactly_the_node_cells():
     np.testing.assert_array_equal(pic[kind_px == 0], dimmed[kind_px == 0])
 
 
-@pytest.mark.parametrize("ratio", [1.0, 0.5])
-def test_sampling_parts_partition_the_real_node_set(ratio):
-    torch.manual_seed(0)
-    cdgc = CDGCModule(in_channels=4, num_classes=3, graph="ds", ratio=ratio).train()
-    coarse = torch.randn(1, 3, 6, 8)
-    target = torch.randint(0, 3, (1, 6, 8))
-    target[0, 0, :3] = 255
-    nodes = cdgc.node_sets(coarse, target)[0].numpy()  # (3, 6, 8)
-    coarse_pred = coarse.argmax(1)[0].numpy()
-    for cls in range(3):
-        parts = V.sampling_parts(coarse_pred, target[0].numpy(), nodes[cls], cls)
-        union = parts["easy"] | parts["hard_pos"] | parts["hard_neg"]
-        np.testing.assert_array_equal(union, nodes[cls])
-        assert not (parts["easy"] & parts["hard_pos"]).any()
-        assert not (parts["hard_neg"] & (target[0].numpy() == cls)).any()
-
-
 def test_first_component_recovers_a_linear_gradient():
     h, w = 5, 6
     ramp = np.arange(h * w, dtype=np.float32).reshape(h, w)
@@ -102,7 +85,8 @@ def test_feature_picture_size_and_grey_outside_class():
     label[8:24, 10:30] = 13
     feature = rng.standard_normal((8, 4, 5)).astype(np.float32)
     refined = rng.standard_normal((8, 4, 5)).astype(np.float32)
-    pic = V.feature_picture(image, label, feature, refined, 13, PALETTE)
+    grid_label = resize_target(torch.from_numpy(label)[None], (4, 5))[0].numpy()  # (4, 5)
+    pic = V.feature_picture(image, label, feature, refined, grid_label == 13, PALETTE)
     assert pic.shape == (32, 160, 3)
     np.testing.assert_array_equal(pic[:, :40], image)
     assert tuple(pic[0, 80]) == V.OUTSIDE_GREY and tuple(pic[0, 120]) == V.OUTSIDE_GREY
@@ -131,12 +115,10 @@ def test_save_png_round_trip_leaves_no_temporaries(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.png"]
 
 
-def test_pictures_for_sample_with_a_real_model():
+def _real_model_and_sample(h: int = 64, w: int = 48):
     torch.manual_seed(0)
-    cfg_model = ModelConfig(num_classes=19, depth=18, channels=16, aspp=False, aux=False)
+    cfg_model = ModelConfig(num_classes=19, depth=18, channels=16, aspp=False, aux=False, ratio=0.5)
     model = build_model(cfg_model)
-    cfg = types.SimpleNamespace(dataset="cityscapes")
-    h, w = 64, 48
     label = torch.randint(0, 4, (1, h, w))
     label[0, :5] = 255
     sample = {
@@ -145,18 +127,76 @@ def test_pictures_for_sample_with_a_real_model():
         "label": label,
         "image_uint8": np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8),
     }
+    return model, sample
+
+
+def test_picture_inputs_one_eval_forward_and_the_modules_own_node_sets():
+    model, sample = _real_model_and_sample()
+    modes = []
+    model.context.register_forward_pre_hook(lambda m, args: modes.append(m.training))
     model.train()
+    torch.manual_seed(5)
     rng_before = torch.get_rng_state()
-    pics = V.pictures_for_sample(model, sample, cfg)
+    data = E.picture_inputs(model, sample)
     assert torch.equal(rng_before, torch.get_rng_state())  # training randomness untouched
     assert model.training  # mode restored
+    assert modes == [False]  # one forward, in eval mode: the module is never flipped to train
+
+    # The parts are the node sets a training 'ds' module draws with the same RNG state.
+    model.eval()
+    out = model(sample["image"], return_features=True)
+    model.context.train()
+    torch.manual_seed(5)
+    nodes = model.context.node_sets(out["coarse"], sample["label"])[0].numpy()  # (M, h, w)
+    union = data["easy"] | data["hard_pos"] | data["hard_neg"]
+    np.testing.assert_array_equal(union, nodes)
+    assert data["grid_label"].shape == nodes.shape[1:] and (data["grid_label"] == 255).any()
+    assert data["feature"].shape == data["refined"].shape == (16, *nodes.shape[1:])
+
+
+def test_pictures_for_sample_with_a_real_model():
+    model, sample = _real_model_and_sample()
+    h, w = sample["label"].shape[-2:]
+    pics = V.pictures_for_sample(E.picture_inputs(model, sample), CITYSCAPES)
     assert set(pics) == {"prediction", "sampling", "features"}
     assert pics["prediction"].shape == (h, 4 * w, 3)
-    assert pics["sampling"].shape == (h, 2 * w, 3)
-    assert pics["features"].shape == (h, 4 * w, 3)
+    # The Fig. 4 and Fig. 6 pictures carry a white legend strip below the panels.
+    assert pics["sampling"].shape[0] > h and pics["sampling"].shape[1:] == (2 * w, 3)
+    assert pics["features"].shape[0] > h and pics["features"].shape[1:] == (4 * w, 3)
+    for name in ("sampling", "features"):
+        strip = pics[name][h:]
+        assert np.all(strip[0] == V.LEGEND_BACKGROUND)
+    sampling_strip = pics["sampling"][h:]
+    for colour in (V.EASY_COLOUR, V.HARD_POS_COLOUR, V.HARD_NEG_COLOUR):
+        assert np.all(sampling_strip == np.array(colour, np.uint8), axis=-1).sum() >= 100
+    # The features legend shows every class of the ground truth in its palette colour.
+    features_strip = pics["features"][h:]
+    for c in np.unique(sample["label"][sample["label"] != 255]):
+        swatch = np.all(features_strip == np.array(PALETTE[c], np.uint8), axis=-1)
+        assert swatch.sum() >= 100, CITYSCAPES.class_names[c]
     # Some node cells are painted in the sampling panel.
-    right = pics["sampling"][:, w:]
+    right = pics["sampling"][:h, w:]
     painted = np.zeros((h, w), bool)
     for c in (V.EASY_COLOUR, V.HARD_POS_COLOUR, V.HARD_NEG_COLOUR):
         painted |= np.all(right == np.array(c, np.uint8), axis=-1)
     assert painted.any()
+
+
+def test_legend_swatches_names_and_wrapping():
+    entries = [("road", (128, 64, 128)), ("sidewalk", (244, 35, 232)), ("car", (0, 0, 142))]
+    wide = V.legend(400, entries)
+    narrow = V.legend(60, entries)
+    assert wide.shape[1] == 400 and narrow.shape[1] == 60
+    assert narrow.shape[0] > wide.shape[0]  # wrapped into more rows
+    for _, colour in entries:
+        for strip in (wide, narrow):
+            assert np.all(strip == np.array(colour, np.uint8), axis=-1).sum() == 100  # 10 x 10
+    dark = np.all(wide < 100, axis=-1) & ~np.all(wide == np.array((0, 0, 142), np.uint8), axis=-1)
+    assert dark.sum() > 20  # the names are drawn in black
+    other = V.legend(400, [("road", (128, 64, 128)), ("building", (244, 35, 232))])
+    assert not np.array_equal(other, V.legend(400, entries[:2]))  # the text differs
+    assert V.with_legend(np.zeros((8, 400, 3), np.uint8), entries).shape == (
+        8 + wide.shape[0],
+        400,
+        3,
+    )

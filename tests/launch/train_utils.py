@@ -87,8 +87,18 @@ def torchrun_cmd(a: list[str], nproc: int = 2) -> list[str]:
 
 
 def run(
-    cmd: list[str], cwd: Path, timeout: float = 240, check: bool = True, **extra_env: str
+    cmd: list[str],
+    cwd: Path,
+    timeout: float = 240,
+    check: bool = True,
+    faults: dict | None = None,
+    **extra_env: str,
 ) -> subprocess.CompletedProcess:
+    """Run a training command; `faults` (tests.launch.faults) breaks it on purpose."""
+    if faults:
+        from tests.launch.faults import fault_env
+
+        extra_env = {**fault_env(faults), **extra_env}
     proc = subprocess.run(
         cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
     )

@@ -21,14 +21,27 @@ def smoke_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def trial_faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A JSON file of faults (tests/launch/faults.py) that every trial's Trainer gets while the
+    file exists, e.g. {"fail_once_at": 3}; a test writes it and removes it."""
+    return tmp_path_factory.mktemp("faults") / "trial_faults.json"
+
+
+@pytest.fixture(scope="module")
+def ray_session(trial_faults: Path):
     import ray
 
+    from tests.launch.faults import fault_env
+
+    env_vars = {
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        **fault_env(trial_faults),
+    }
     ray.init(
         address="local",  # never another user's Ray on this machine
         num_cpus=2,
         include_dashboard=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}},
+        runtime_env={"env_vars": env_vars},
     )
     yield
     ray.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -35,15 +36,17 @@ def _children(uri: str, parent_run_id: str) -> list:
 
 
 def test_smoke_sweep_nests_trials_retries_a_failure_and_logs_the_table(
-    ray_session, tracking_uri: str, smoke_shards: Path, tmp_path: Path
+    ray_session, trial_faults: Path, tracking_uri: str, smoke_shards: Path, tmp_path: Path
 ) -> None:
     from sweeps.ratio_sweep import run_sweep
     from sweeps.runner import mlflow_client
 
     # Every trial raises once at iteration 3 (after the checkpointed evaluation at 2).
-    outcome = run_sweep(
-        _args(tmp_path, tracking_uri, smoke_shards, "smoke", "runtime.fail_once_at=3")
-    )
+    trial_faults.write_text(json.dumps({"fail_once_at": 3}))
+    try:
+        outcome = run_sweep(_args(tmp_path, tracking_uri, smoke_shards, "smoke"))
+    finally:
+        trial_faults.unlink()
 
     assert outcome.complete
     assert len(outcome.rows) == 2

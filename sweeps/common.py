@@ -36,6 +36,7 @@ SMOKE_OVERRIDES: tuple[str, ...] = (
     "eval.every=2",
     "eval.num_pictures=0",
     "checkpoint.every=2",
+    "checkpoint.keep=1",
     "data.crop_size=64",
     "data.batch_size=2",
     "data.num_workers=0",
@@ -138,6 +139,17 @@ def _run(command: list[str]) -> None:
         )
 
 
+def quiet_tune() -> None:
+    """Keep Tune's own console output off: the sweeps print a line per trial event instead.
+
+    Tune's newer reporter prints an experiment box and a TensorBoard hint even at verbose=0;
+    the legacy one is silent at verbose=0. The snapshot-frequency warning is about reports with
+    checkpoints, which are tiny references here (sweeps/trial.py).
+    """
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join `address` (auto / ray://HOST:PORT) or start a local Ray sized to this machine.
 
@@ -148,12 +160,17 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    env = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     # Ray gives each trial OMP_NUM_THREADS = its CPUs; a value set here (tests) wins.
-    threads = os.environ.get("OMP_NUM_THREADS")
-    runtime_env = {"env_vars": {"OMP_NUM_THREADS": threads}} if threads else None
+    if os.environ.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+    runtime_env = {"env_vars": env}
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return
+    # Token authentication stays on (Ray's default for a new local instance); saying so
+    # explicitly keeps Ray from warning about it on every start.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(
         # "local": a new instance even when another Ray runs on this machine (without it, Ray
         # would join the most recently started one).
@@ -243,4 +260,9 @@ def add_common_args(p: argparse.ArgumentParser, *, storage: str, smoke_help: str
     )
     p.add_argument("--max-failures", type=int, default=2, help="retries per training run")
     p.add_argument("--storage", default=storage, help="Tune results and trial run dirs")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep a finished run's DeepSpeed checkpoints (default: only its exported model.pt)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides key=value for every run")

@@ -62,6 +62,26 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def ui_command(uri: str | None) -> str | None:
+    """The `mlflow ui` command that opens a SQLite store and its artifacts; None for a server URI."""
+    db = sqlite_path(resolve_tracking_uri(uri))
+    if db is None:
+        return None
+    return (
+        f"mlflow ui --backend-store-uri {SQLITE_PREFIX}{db} "
+        f"--artifacts-destination {db.parent / 'mlartifacts'} --host 127.0.0.1 --port 5000"
+    )
+
+
+def print_ui_hint(uri: str | None, experiment: str, filters: list[str]) -> None:
+    """Tell the user how to look at the runs in the MLflow UI (the sweep's server is gone)."""
+    command = ui_command(uri)
+    where = f"run: {command}\n  then open" if command else "open"
+    lines = [f"Compare the runs in MLflow: {where} experiment '{experiment}'"]
+    lines += [f"  search: {f}" for f in filters]
+    print("\n".join(lines))
+
+
 @contextlib.contextmanager
 def tracking_server(uri: str | None, *, startup_timeout_s: float = 120.0) -> Iterator[str]:
     """Yield a URI that concurrent trials can share.
@@ -75,6 +95,9 @@ def tracking_server(uri: str | None, *, startup_timeout_s: float = 120.0) -> Ite
     if db is None:
         yield resolved
         return
+    # MLflow prints a "View run at <url>" link per finished run: this server is gone after the
+    # sweep, so print_ui_hint names the persistent store instead.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     db.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"

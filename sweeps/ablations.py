@@ -36,7 +36,7 @@ from sweeps.common import (
     markdown_table,
 )
 from sweeps.mlflow_server import print_ui_hint, tracking_server
-from sweeps.runner import SweepSpec, cpu_count, experiment_id, fit, mlflow_client
+from sweeps.runner import GROUP_TAG, SweepSpec, cpu_count, experiment_id, fit, mlflow_client
 from sweeps.tables import MS_SCALES, TABLES, Row, Table
 from sweeps.trial import row_name, table_tag
 
@@ -141,6 +141,9 @@ def train_rows(
             workers_per_trial=s.workers_per_trial,
             max_failures=s.max_failures,
             parent_run_id=parent_run_id,
+            # Not nested: MLflow's runs table folds children under their parent, and a row
+            # shared by tables has one parent only. The tags tableN find a table's rows.
+            nest=False,
             keep_checkpoints=s.keep_checkpoints,
         )
         fit(spec)
@@ -157,8 +160,8 @@ def train_rows(
 
 
 def table_parent(s: Settings, table: Table) -> str:
-    """The run of this table (`tableN`, role=table), reused by every invocation: parent of the
-    rows it trains, holder of tableN.md / .csv / .png."""
+    """The run of this table (`tableN`, role=table), reused by every invocation: holder of
+    tableN.md / .csv / .png; the rows it trains carry its id as tag sweep_run."""
     client = mlflow_client(s.uri)
     exp_id = experiment_id(client, s.experiment)
     found = client.search_runs(
@@ -246,7 +249,6 @@ def evaluate_row(
     cfg = load_config(s.config, overrides)
     cfg.logging.tracking_uri = s.uri
     cfg.logging.experiment = s.experiment
-    cfg.logging.parent_run_id = parent_run_id
     cfg.logging.tags = {
         **cfg.logging.tags,
         "table": str(table.number),
@@ -254,6 +256,7 @@ def evaluate_row(
         table_tag(table.number): row.variant,
         "config_hash": digest,
         "model_run": trained.info.run_id,
+        GROUP_TAG: parent_run_id,
     }
     tracker = Tracker(cfg, enabled=True, kind="evaluation")
     tracker.start(
@@ -402,9 +405,8 @@ def run_ablations(args: argparse.Namespace) -> dict[int, tuple[str, list[Line]]]
             text, lines = run_table(s, TABLES[n])
             print(f"\n{text}")
             out[n] = (text, lines)
-    print_ui_hint(
-        args.tracking_uri, s.experiment, [f"tags.{table_tag(n)} IS NOT NULL" for n in numbers]
-    )
+        exp_id = experiment_id(mlflow_client(s.uri), s.experiment)
+    print_ui_hint(args.tracking_uri, exp_id, [f"tags.{table_tag(n)} IS NOT NULL" for n in numbers])
     return out
 
 

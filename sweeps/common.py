@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -168,9 +169,11 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return
-    # Token authentication stays on (Ray's default for a new local instance); saying so
-    # explicitly keeps Ray from warning about it on every start.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray keeps token authentication on for a new local instance (its default, which this
+    # keeps) and warns about it on every start; sweeps/README.md says it once instead.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
     ray.init(
         # "local": a new instance even when another Ray runs on this machine (without it, Ray
         # would join the most recently started one).
@@ -217,14 +220,15 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def close_unfinished_children(client: Any, experiment_id: str, parent_run_id: str) -> list[str]:
-    """Mark child runs that are still RUNNING as KILLED; return their ids.
+    """Mark the trial runs of sweep run `parent_run_id` (tag sweep_run) that are still RUNNING as
+    KILLED; return their ids.
 
     A trial stopped by ASHA (or lost with its worker) never reaches the end of training, so its
     MLflow run would otherwise stay RUNNING for ever.
     """
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.sweep_run = '{parent_run_id}' and attributes.status = 'RUNNING'",
     )
     for run in runs:
         client.set_terminated(run.info.run_id, status="KILLED")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,12 +74,25 @@ def ui_command(uri: str | None) -> str | None:
     )
 
 
-def print_ui_hint(uri: str | None, experiment: str, filters: list[str]) -> None:
+def ui_url(experiment_id: str, search: str | None = None, port: int = 5000) -> str:
+    """The experiment's runs table in MLflow 3's UI, with `search` typed in its search box.
+
+    `workflowType=machine_learning` is the sidebar's "Model training" switch: without it the
+    UI (by default in its GenAI mode) opens an experiment on the GenAI overview.
+    """
+    query = "workflowType=machine_learning"
+    if search:
+        query += "&searchFilter=" + urllib.parse.quote(search)
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def print_ui_hint(uri: str | None, experiment_id: str, filters: list[str]) -> None:
     """Tell the user how to look at the runs in the MLflow UI (the sweep's server is gone)."""
     command = ui_command(uri)
-    where = f"run: {command}\n  then open" if command else "open"
-    lines = [f"Compare the runs in MLflow: {where} experiment '{experiment}'"]
-    lines += [f"  search: {f}" for f in filters]
+    lines = ["Compare the runs in the MLflow UI:"]
+    if command:
+        lines.append(f"  {command}")
+    lines += [f"  {ui_url(experiment_id, f)}" for f in filters]
     print("\n".join(lines))
 
 

@@ -38,7 +38,8 @@ class SweepSpec:
     max_concurrent: int | None = None
     scheduler: Any = None  # e.g. ASHAScheduler(time_attr="iteration", ...)
     callbacks: list[Any] = field(default_factory=list)  # extra tune.Callback objects (tests)
-    parent_run_id: str | None = None  # nest under this existing run (its owner ends it)
+    parent_run_id: str | None = None  # group under this existing run (its owner ends it)
+    nest: bool = True  # trials are MLflow children of the group run (else tagged sweep_run only)
     keep_checkpoints: bool = False  # keep a finished trial's DeepSpeed checkpoints (else pruned)
 
     def __post_init__(self) -> None:
@@ -106,6 +107,10 @@ def _describe(space: dict[str, Any]) -> str:
     return json.dumps({k: str(v) for k, v in space.items()})
 
 
+# Every trial's run carries the id of its sweep's (or table's) run, nested or not.
+GROUP_TAG = "sweep_run"
+
+
 def make_trainable(spec: SweepSpec, parent_run_id: str):
     from ray import tune
 
@@ -114,9 +119,9 @@ def make_trainable(spec: SweepSpec, parent_run_id: str):
         "overrides": list(spec.overrides),
         "variants": spec.variants,
         "tracking_uri": spec.tracking_uri,
-        "parent_run_id": parent_run_id,
+        "parent_run_id": parent_run_id if spec.nest else None,
         "experiment": spec.experiment,
-        "tags": dict(spec.tags),
+        "tags": {**spec.tags, GROUP_TAG: parent_run_id},
         "runs_root": str(spec.experiment_dir / "runs"),
         "keep_checkpoints": spec.keep_checkpoints,
         "workers": spec.workers_per_trial,
@@ -276,10 +281,10 @@ def trial_log(runs_root: Path, tags: dict[str, str]) -> Any:
 
 
 def child_runs(client: Any, parent_run_id: str) -> list[Any]:
-    """MLflow runs nested under `parent_run_id` (every state)."""
+    """The trials' MLflow runs of the sweep run `parent_run_id` (every state)."""
     exp = client.get_run(parent_run_id).info.experiment_id
     return client.search_runs(
-        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000
+        [exp], filter_string=f"tags.{GROUP_TAG} = '{parent_run_id}'", max_results=5000
     )
 
 

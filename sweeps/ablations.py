@@ -326,7 +326,7 @@ def table_figure(table: Table, lines: list[Line], s: Settings):
     paper = [line.row.paper_miou for line in lines]
     ours = [np.nan if line.miou is None else 100 * line.miou for line in lines]
     x = np.arange(len(lines))
-    fig, ax = plt.subplots(figsize=(1.6 * len(lines) + 2.5, 4.0), layout="constrained")
+    fig, ax = plt.subplots(figsize=(1.6 * len(lines) + 4.5, 4.0), layout="constrained")
     ax.bar(x - 0.2, paper, 0.4, label="paper (Cityscapes val)", color="#9e9e9e")
     ax.bar(x + 0.2, ours, 0.4, label=f"ours ({dataset_label(s)})", color="#1f77b4")
     for xi, value in zip(x, ours, strict=True):
@@ -335,7 +335,7 @@ def table_figure(table: Table, lines: list[Line], s: Settings):
     ax.set_xticks(x, names, rotation=20, ha="right")
     ax.set_ylabel("mIoU (%)")
     ax.set_title(f"Table {table.number}. {table.title}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never on them
     return fig
 
 

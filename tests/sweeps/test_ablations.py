@@ -296,10 +296,22 @@ def test_the_readme_walkthrough_works_in_the_browser(
         _wait_text(driver, *NAMES, "4 matching runs")
         driver.save_screenshot(str(shots / "2-filter-table5.png"))
 
-        # 3. Tick every row (the header checkbox) and press Compare: val/miou per row.
-        driver.find_element("css selector", "[role='columnheader'] input[type='checkbox']").click()
+        # 3. Tick every row (the header checkbox) and press Compare; add val/miou to the
+        # parallel-coordinates plot's metrics: an axis with the rows' values.
+        tick_all = driver.find_element("css selector", "input[aria-label='Select all runs']")
+        tick_all.find_element("xpath", "..").click()  # the visible box around the input
         _click_text(driver, "Compare")
-        _wait_text(driver, "val/miou", *NAMES)
+        _wait_text(driver, "Comparing 4 Runs", *NAMES, "Metrics:")
+        assert "val/miou" not in driver.find_element("tag name", "body").text  # not by default
+        metrics = driver.find_element("xpath", "//*[normalize-space(text())='Metrics:']"
+                                               "/following::input[1]")  # fmt: skip
+        metrics.find_element("xpath", "ancestor::*[contains(@class,'select')][1]").click()
+        metrics.send_keys("val/miou", Keys.ENTER)
+        metrics.send_keys(Keys.ESCAPE)
+        _wait_text(driver, "val/miou")
+        rows = _client(smoke).search_runs([exp], "tags.table5 IS NOT NULL")
+        best = max(r.data.metrics["val/miou"] for r in rows)
+        assert f"{best:.5f}" in driver.find_element("tag name", "body").text  # the axis' top
         driver.save_screenshot(str(shots / "3-compare.png"))
     finally:
         print(f"browser part: {time.monotonic() - start:.0f} s")

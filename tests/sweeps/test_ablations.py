@@ -121,8 +121,16 @@ def test_table5_smoke_prints_the_table_and_a_rerun_reuses_every_row(
     )
     holder = client.search_runs([exp], "tags.role = 'table'")
     assert [h.info.run_name for h in holder] == ["table5"]
-    files = {f.path for f in client.list_artifacts(holder[0].info.run_id)}
+    # Artifacts went through the sweep's server (mlflow-artifacts:/ URIs): read them through one.
+    from sweeps.mlflow_server import tracking_server
+    from sweeps.runner import mlflow_client
+
+    with tracking_server(smoke.uri) as url:
+        served = mlflow_client(url)
+        files = {f.path for f in served.list_artifacts(holder[0].info.run_id)}
+        md = served.download_artifacts(holder[0].info.run_id, "table5.md", str(smoke.root))
     assert files == {"table5.md", "table5.csv", "table5.png"}
+    assert Path(md).read_text().strip() in smoke.output
 
     rerun = smoke.root / "rerun"
     rerun.mkdir()

@@ -251,6 +251,7 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
             max_concurrent=args.max_concurrent,
             scheduler=None if args.no_early_stop else asha(cfg, args.smoke, args.grace_period),
             callbacks=list(callbacks),
+            keep_checkpoints=args.keep_checkpoints,
         )
         grid, parent_run_id, complete = fit(spec, resume=args.resume)
         statuses = trial_statuses(grid)

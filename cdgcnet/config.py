@@ -47,8 +47,9 @@ class ModelConfig:
     paper presets refuse to train then, see launch/config.py)."""
     aspp: bool = True
     """Basic network = dilated ResNet + ASPP (True) or dilated ResNet alone (False)."""
-    aspp_channels: int = 256
-    """Channels of each ASPP branch and of its projection."""
+    aspp_channels: int = 512
+    """Channels of each of the five ASPP branches (the DeepLabV3 reference: the head width, 512);
+    their concatenation is reduced to `channels` by the ASPP's 3x3 bottleneck conv."""
     context: str = "cdgc"
     """Context module after the coarse head: "cdgc" | "plain_gcn" | "none" (no refined head)."""
     graph: str = "ds"

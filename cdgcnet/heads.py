@@ -16,15 +16,26 @@ class Classifier(nn.Sequential):
 
 
 class ReductionHead(nn.Module):
-    """3x3 conv + BN + ReLU to C channels (the feature X), then the coarse classifier (P)."""
+    """3x3 conv + BN + ReLU to C channels (the feature X), then the coarse classifier (P).
 
-    def __init__(self, cin: int, channels: int, num_classes: int, dropout: float) -> None:
+    reduce=False: the input already is X (the ASPP ends in its own 3x3 reduction conv).
+    """
+
+    def __init__(
+        self, cin: int, channels: int, num_classes: int, dropout: float, reduce: bool = True
+    ) -> None:
         super().__init__()
-        self.reduce = nn.Sequential(
-            nn.Conv2d(cin, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-        )
+        if not reduce and cin != channels:
+            raise ValueError(
+                f"without a reduction conv the input must have {channels} channels, got {cin}"
+            )
+        self.reduce: nn.Module = nn.Identity()
+        if reduce:
+            self.reduce = nn.Sequential(
+                nn.Conv2d(cin, channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+            )
         self.classifier = Classifier(channels, num_classes, dropout)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,10 @@
 """Losses of eq. (5): L = alpha * CE(coarse) + beta * OHEM-CE(refined) + gamma * CE(aux).
 
+The final prediction is trained by beta * OHEM-CE in every model, as the paper trains its final
+(refined) prediction: a model without a context module (the ablation baselines) has the coarse
+logits as its final prediction, so there they get beta * OHEM-CE and no alpha * CE term. Without
+this rule every gain of a CDGC row over a baseline row would include OHEM's own gain.
+
 All terms are computed at label resolution: logits (B, M, h, w) are upsampled bilinearly
 (align_corners=False) to the target's (H, W) first. Pixels labelled ignore_index never count.
 """
@@ -9,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cdgcnet.model import final_logits
 
 
 def upsample_to(logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -111,8 +118,10 @@ def ohem_cross_entropy(
 class CDGCLoss(nn.Module):
     """Weighted sum of eq. (5); absent heads (no "refined" / no "aux" in the outputs) add nothing.
 
+    The final prediction (`final_logits`: refined, else coarse) gets beta * OHEM-CE, a coarse
+    prediction that is refined further alpha * CE, the auxiliary one gamma * CE.
     forward returns (total, terms) with terms {"coarse", "refined", "aux", "total"} for the heads
-    present, detached for logging. The labels are validated once per call when `check_labels`
+    present (each head's own term, whichever criterion), detached for logging. The labels are validated once per call when `check_labels`
     is set (a host-device sync on GPU); with it off the whole loss is sync-free.
     """
 
@@ -150,18 +159,17 @@ class CDGCLoss(nn.Module):
             validate_labels(target, outputs["coarse"].shape[1], self.ignore_index)
         ignore = self.ignore_index
         terms: dict[str, Tensor] = {}
-        terms["coarse"] = cross_entropy(outputs["coarse"], target, ignore, check_labels=False)
-        total = self.alpha * terms["coarse"]
-        if "refined" in outputs:
-            terms["refined"] = ohem_cross_entropy(
-                outputs["refined"],
-                target,
-                self.ohem_thresh,
-                self.ohem_min_kept,
-                ignore,
-                check_labels=False,
-            )
-            total = total + self.beta * terms["refined"]
+        final = "coarse" if final_logits(outputs) is outputs["coarse"] else "refined"
+        final_term = ohem_cross_entropy(
+            outputs[final], target, self.ohem_thresh, self.ohem_min_kept, ignore, check_labels=False
+        )
+        if final == "coarse":
+            terms["coarse"] = final_term
+            total = self.beta * final_term
+        else:
+            terms["coarse"] = cross_entropy(outputs["coarse"], target, ignore, check_labels=False)
+            terms["refined"] = final_term
+            total = self.alpha * terms["coarse"] + self.beta * final_term
         if "aux" in outputs:
             terms["aux"] = cross_entropy(outputs["aux"], target, ignore, check_labels=False)
             total = total + self.gamma * terms["aux"]

@@ -3,7 +3,8 @@
 Legend: B batch, M classes, C = cfg.channels, h x w the feature grid (input / output stride).
 
     images (B,3,H,W) -> backbone -> {"aux": stage 3, "out": stage 4}
-    stage 4 -> [ASPP] -> 3x3 reduction conv -> X (B,C,h,w) -> 1x1 -> coarse P (B,M,h,w)
+    stage 4 -> 3x3 reduction conv, or ASPP (ending in its 3x3 reduction conv) -> X (B,C,h,w)
+    X -> 1x1 -> coarse P (B,M,h,w)
     CDGC(X, P, target) -> R (B,C,h,w);  [X, R] or X + R -> dropout -> 1x1 -> refined (B,M,h,w)
     stage 3 -> auxiliary FCN head -> aux (B,M,h,w)          (training with cfg.aux only)
 
@@ -29,10 +30,12 @@ class CDGCNet(nn.Module):
         self.cfg = cfg
         self.backbone = DilatedResNet(cfg.depth, cfg.output_stride, cfg.deep_stem)
         cin = self.backbone.channels["out"]
-        self.aspp = ASPP(cin, cfg.aspp_channels, cfg.output_stride) if cfg.aspp else None
-        if self.aspp is not None:
-            cin = cfg.aspp_channels
-        self.head = ReductionHead(cin, cfg.channels, cfg.num_classes, cfg.dropout)
+        self.aspp: ASPP | None = None
+        if cfg.aspp:
+            self.aspp = ASPP(cin, cfg.aspp_channels, cfg.channels, cfg.output_stride)
+            cin = cfg.channels
+        reduce = self.aspp is None  # the ASPP's bottleneck is the reduction conv
+        self.head = ReductionHead(cin, cfg.channels, cfg.num_classes, cfg.dropout, reduce)
         self.context: CDGCModule | None = None
         self.fusion: FusionHead | None = None
         if cfg.context != "none":

@@ -7,9 +7,14 @@ one active-run stack per process, and sweeps run many trials in one process.
   ``sqlite:///<cwd>/mlflow.db``. With a SQLite store a new experiment keeps its artifacts
   beside the database (``<db dir>/mlartifacts/<experiment>``), not under the working directory
   (Ray trials each run in their own one).
-- Experiment: cfg.logging.experiment, else cfg.dataset.
+- Experiment: cfg.logging.experiment, else cfg.dataset; created with the tag
+  ``mlflow.experimentKind = custom_model_development`` (set on an existing experiment that lacks
+  it), without which MLflow 3's UI opens an experiment on its GenAI overview, not the runs table.
+- Run name: cfg.logging.run_name, else what the run is: ``<preset> r<depth> <iterations>``
+  (``cityscapes r101 30k``).
 - Params: launch.config.flatten(cfg), plus pretrained.sha256 and pretrained.source (which
-  ImageNet weights the backbone started from; "none (...)" says why there are none). MLflow limits a value to 6000 characters (longer ones are
+  ImageNet weights the backbone started from; "none (...)" says why there are none). MLflow
+  limits a value to 6000 characters (longer ones are
   cut, with a marker; the full value is in the config.yaml artifact) and a logged param cannot
   change: when a run is resumed, equal values are skipped and changed ones are recorded as
   ``changed_param.<key>`` tags instead of failing.
@@ -47,6 +52,41 @@ def resolve_tracking_uri(cfg: Any) -> str:
     if not uri:
         uri = "sqlite:///" + str(Path.cwd() / "mlflow.db")
     return uri
+
+
+# MLflow 3's UI opens an experiment on its runs table only with this kind (else a GenAI overview).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def get_or_create_experiment(client: Any, name: str, tracking_uri: str) -> str:
+    """The id of experiment `name`, created when missing; either way of the runs-table kind."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = _artifact_location(tracking_uri, name)
+        try:
+            exp_id = client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        except MlflowException:
+            # Another process (a parallel sweep trial) created it first.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+        else:
+            return exp_id
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def default_run_name(cfg: Any) -> str:
+    """What a training run is: preset, depth and length, e.g. `cityscapes r101 30k`."""
+    iters = int(cfg.schedule.iterations)
+    length = f"{iters // 1000}k" if iters >= 1000 and iters % 1000 == 0 else f"{iters} it"
+    return f"{cfg.name} r{cfg.model.depth} {length}"
 
 
 def metric_key(name: str) -> str:
@@ -129,7 +169,7 @@ class Tracker:
                     flush=True,
                 )
                 all_tags["resumed_from_run"] = resume_run_id
-            run_name = run_name or getattr(cfg.logging, "run_name", None)
+            run_name = run_name or getattr(cfg.logging, "run_name", None) or default_run_name(cfg)
             run = self._client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
         self.set_tags(all_tags)
@@ -161,20 +201,7 @@ class Tracker:
         return True
 
     def _experiment(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
-
-        exp = self._client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        location = _artifact_location(self.tracking_uri, name)
-        try:
-            return self._client.create_experiment(name, artifact_location=location)
-        except MlflowException:
-            # Another process (a parallel sweep trial) created it first.
-            exp = self._client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+        return get_or_create_experiment(self._client, name, self.tracking_uri)
 
     # ------------------------------------------------------------------ params, tags, metrics
 

@@ -3,11 +3,15 @@
     python sweeps/ablations.py --table {1,2,3,4,5,all} --config cityscapes [--smoke]
         [--tracking-uri URI] [--address auto|ray://HOST:PORT] [key=value ...]
 
-Every configuration is an MLflow run tagged table=N, variant=..., config_hash=...; a rerun reuses
-a FINISHED run with the same three tags instead of training again. Training runs go through Ray
-Tune (sweeps/runner.py, the same trials as the ratio sweep, without early stopping); Table 4
-evaluates one trained model with and without multi-scale / flip (launch.evaluation). Each table
-is printed and logged as `tableN.md` on a run tagged table=N, role=table.
+Every configuration is trained once: a row reuses the newest FINISHED run with its config hash
+(preset + overrides), whichever table trained it first, and the table says which rows it reused.
+A row's run is named `tableN/<variant>` and carries the tag `tableN` = variant for every table it
+is a row of (a configuration shared by Tables 3, 4 and 5 is one run with three such tags).
+Training runs go through Ray Tune (sweeps/runner.py, the same trials as the ratio sweep, without
+early stopping); Table 4 evaluates one trained model with and without multi-scale / flip
+(launch.evaluation). Each table is printed and logged as `tableN.md`, `tableN.csv` and a bar
+chart `tableN.png` (ours vs the paper) on one run per table, `tableN` (tags role=table, table=N),
+reused by later invocations.
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ from sweeps.common import (
     base_config,
     check_tracking_reach,
     config_hash,
+    csv_text,
     default_experiment,
     init_ray,
     markdown_table,
 )
-from sweeps.mlflow_server import tracking_server
-from sweeps.runner import SweepSpec, cpu_count, experiment_id, fit, mlflow_client
-from sweeps.tables import TABLES, Row, Table
+from sweeps.mlflow_server import print_ui_hint, tracking_server
+from sweeps.runner import GROUP_TAG, SweepSpec, cpu_count, experiment_id, fit, mlflow_client
+from sweeps.tables import MS_SCALES, TABLES, Row, Table
+from sweeps.trial import row_name, table_tag
 
 MIOU_METRIC = "val/miou"  # logged by launch.tracking.Tracker.log_evaluation
 
@@ -65,6 +71,7 @@ class Settings:
     max_failures: int
     address: str | None  # Ray, started on first use: reruns that reuse every row need none
     num_cpus: int
+    keep_checkpoints: bool = False
 
 
 @dataclass
@@ -74,21 +81,36 @@ class Line:
     row: Row
     miou: float | None  # fraction, None when the run did not finish
     run_id: str | None
-    reused: bool
+    reused: bool  # the run existed before this table asked for it
+    run_name: str = ""  # every table row the run is, e.g. "table3/ds-1.0, table5/..."
 
 
-def find_finished(client: Any, exp_id: str, table: int, variant: str, digest: str) -> Any | None:
-    """The newest FINISHED run of this table row with this config hash, if any."""
+def find_finished(client: Any, exp_id: str, digest: str) -> Any | None:
+    """The newest FINISHED run with this config hash, whichever table (or sweep) made it."""
     runs = client.search_runs(
         [exp_id],
-        filter_string=(
-            f"tags.table = '{table}' and tags.variant = '{variant}' and "
-            f"tags.config_hash = '{digest}' and attributes.status = 'FINISHED'"
-        ),
+        filter_string=f"tags.config_hash = '{digest}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+def record_row(client: Any, run: Any, table: int, variant: str) -> Any:
+    """Mark `run` as row `variant` of `table`: tag tableN=variant, `table` lists every table the
+    run is a row of, and the run name lists every `tableN/variant`. Returns the updated run."""
+    tags = run.data.tags
+    run_id = run.info.run_id
+    if tags.get(table_tag(table)) == variant:
+        return run
+    client.set_tag(run_id, table_tag(table), variant)
+    tables = sorted({*tags.get("table", "").split(), str(table)}, key=int)
+    client.set_tag(run_id, "table", " ".join(tables))
+    names = [n for n in (run.info.run_name or "").split(", ") if n.startswith("table")]
+    if row_name(table, variant) not in names:
+        names.append(row_name(table, variant))
+        client.set_tag(run_id, "mlflow.runName", ", ".join(names))
+    return client.get_run(run_id)
 
 
 def train_rows(
@@ -100,7 +122,7 @@ def train_rows(
     client = mlflow_client(s.uri)
     exp_id = experiment_id(client, s.experiment)
     digests = {v: config_hash([*s.overrides, *o], s.config) for v, o in rows.items()}
-    found = {v: find_finished(client, exp_id, table, v, d) for v, d in digests.items()}
+    found = {v: find_finished(client, exp_id, d) for v, d in digests.items()}
     pending = [v for v, run in found.items() if run is None]
     if pending:
         print(f"Table {table}: training {len(pending)} configuration(s): {', '.join(pending)}")
@@ -120,26 +142,50 @@ def train_rows(
             workers_per_trial=s.workers_per_trial,
             max_failures=s.max_failures,
             parent_run_id=parent_run_id,
+            # Not nested: MLflow's runs table folds children under their parent, and a row
+            # shared by tables has one parent only. The tags tableN find a table's rows.
+            nest=False,
+            keep_checkpoints=s.keep_checkpoints,
         )
         fit(spec)
+    reused = [v for v, run in found.items() if run is not None]
+    if reused:
+        print(f"Table {table}: reusing {len(reused)} finished run(s): {', '.join(reused)}")
     out = {}
     for v, d in digests.items():
-        run = found[v] or find_finished(client, exp_id, table, v, d)
+        run = found[v] or find_finished(client, exp_id, d)
+        if run is not None:
+            run = record_row(client, run, table, v)
         out[v] = (run, found[v] is not None)
     return out
 
 
 def table_parent(s: Settings, table: Table) -> str:
-    """A run per table and invocation: parent of newly trained rows, holder of tableN.md."""
+    """The run of this table (`tableN`, role=table), reused by every invocation: holder of
+    tableN.md / .csv / .png; the rows it trains carry its id as tag sweep_run."""
     client = mlflow_client(s.uri)
-    run = client.create_run(
-        experiment_id(client, s.experiment),
-        run_name=f"table {table.number}",
-        tags={"table": str(table.number), "role": "table"},
+    exp_id = experiment_id(client, s.experiment)
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.role = 'table' and tags.table = '{table.number}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
-    client.log_param(run.info.run_id, "config", s.config)
-    client.log_param(run.info.run_id, "overrides", " ".join(s.overrides)[:6000])
-    return run.info.run_id
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run = client.create_run(
+            exp_id,
+            run_name=f"table{table.number}",
+            tags={"table": str(table.number), "role": "table"},
+        )
+        run_id = run.info.run_id
+    # Tags, not params: params cannot change, and a later invocation may use other overrides.
+    client.set_tag(run_id, "config", s.config)
+    client.set_tag(run_id, "overrides", " ".join(s.overrides)[:6000])
+    client.set_tag(run_id, "dataset", dataset_label(s))
+    return run_id
 
 
 def run_training_table(s: Settings, table: Table, parent_run_id: str) -> list[Line]:
@@ -150,7 +196,8 @@ def run_training_table(s: Settings, table: Table, parent_run_id: str) -> list[Li
 def _line(row: Row, run: Any, reused: bool) -> Line:
     if run is None:
         return Line(row, None, None, reused)
-    return Line(row, run.data.metrics.get(MIOU_METRIC), run.info.run_id, reused)
+    miou = run.data.metrics.get(MIOU_METRIC)
+    return Line(row, miou, run.info.run_id, reused, run.info.run_name or "")
 
 
 def eval_overrides(row: Row) -> list[str]:
@@ -176,13 +223,14 @@ def run_evaluation_table(s: Settings, table: Table, parent_run_id: str) -> list[
         overrides = [*s.overrides, *table.train, *eval_overrides(row)]
         # The evaluated model is part of what decides the result: a retrained model is new.
         digest = config_hash([*overrides, f"model_run={trained.info.run_id}"], s.config)
-        run = find_finished(client, exp_id, table.number, row.variant, digest)
+        run = find_finished(client, exp_id, digest)
         reused = run is not None
         if run is None:
             run_id = evaluate_row(
                 s, table, row, overrides, digest, model_path, trained, parent_run_id
             )
             run = client.get_run(run_id)
+        run = record_row(client, run, table.number, row.variant)
         lines.append(_line(row, run, reused))
     return lines
 
@@ -202,17 +250,18 @@ def evaluate_row(
     cfg = load_config(s.config, overrides)
     cfg.logging.tracking_uri = s.uri
     cfg.logging.experiment = s.experiment
-    cfg.logging.parent_run_id = parent_run_id
     cfg.logging.tags = {
         **cfg.logging.tags,
         "table": str(table.number),
         "variant": row.variant,
+        table_tag(table.number): row.variant,
         "config_hash": digest,
         "model_run": trained.info.run_id,
+        GROUP_TAG: parent_run_id,
     }
     tracker = Tracker(cfg, enabled=True, kind="evaluation")
     tracker.start(
-        run_name=f"table{table.number}-{row.variant}", tags={"checkpoint": str(model_path)}
+        run_name=row_name(table.number, row.variant), tags={"checkpoint": str(model_path)}
     )
     try:
         model, _ = load_exported(model_path)
@@ -230,23 +279,80 @@ def evaluate_row(
     return tracker.run_id
 
 
-def table_markdown(table: Table, lines: list[Line], s: Settings) -> str:
-    """The table in the paper's layout: its rows and mIoU, ours beside it."""
-    cfg = s.cfg
+def dataset_label(s: Settings) -> str:
+    """The data a table was run on, for its title: preset and validation split."""
+    return f"{s.cfg.name} {s.cfg.data.val_split}"
+
+
+TABLE_COLUMNS = ["mIoU (%) paper", "mIoU (%) ours", "MLflow run", "run id", "reused"]
+
+
+def table_rows(table: Table, lines: list[Line]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of the table in the paper's layout, ours beside the paper's numbers."""
     lead = ["Method", "MS", "Flip"] if table.evaluation_only else ["Method"]
-    header = [*lead, "mIoU (%) paper", "mIoU (%) ours", "MLflow run", "reused"]
     rows = []
     for line in lines:
         marks = ["✓" if line.row.ms else "", "✓" if line.row.flip else ""]
         cells = [line.row.label, *(marks if table.evaluation_only else [])]
         ours = "not finished" if line.miou is None else f"{100 * line.miou:.1f}"
-        rows.append([*cells, f"{line.row.paper_miou:.1f}", ours, line.run_id or "", line.reused])
+        reused = "yes" if line.reused else "no"
+        rows.append([*cells, f"{line.row.paper_miou:.1f}", ours, line.run_name,
+                     line.run_id or "", reused])  # fmt: skip
+    return [*lead, *TABLE_COLUMNS], rows
+
+
+def table_markdown(table: Table, lines: list[Line], s: Settings) -> str:
+    """The table in the paper's layout: its rows and mIoU, ours beside it, and what ours is."""
+    cfg = s.cfg
+    header, rows = table_rows(table, lines)
     note = (
         f"Ours: preset `{s.config}`, ResNet-{cfg.model.depth}, {cfg.schedule.iterations} "
-        f"iterations, dataset `{cfg.data.root}` split `{cfg.data.val_split}`; the paper: "
-        "ResNet-101, 30k iterations, Cityscapes val."
+        f"iterations, dataset `{cfg.data.root}` split `{cfg.data.val_split}`; the final "
+        "prediction is trained with OHEM in every row. The paper: ResNet-101, 30k iterations, "
+        "Cityscapes val. `reused`: the run was trained before (by this or another table)."
     )
-    return f"### Table {table.number}. {table.title}\n\n{markdown_table(header, rows)}\n{note}\n"
+    title = f"### Table {table.number}. {table.title} ({dataset_label(s)})"
+    return f"{title}\n\n{markdown_table(header, rows)}\n{note}\n"
+
+
+def table_figure(table: Table, lines: list[Line], s: Settings):
+    """Bar chart per row: the paper's mIoU beside ours (a matplotlib Figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [line.row.variant for line in lines]
+    paper = [line.row.paper_miou for line in lines]
+    ours = [np.nan if line.miou is None else 100 * line.miou for line in lines]
+    x = np.arange(len(lines))
+    fig, ax = plt.subplots(figsize=(1.6 * len(lines) + 4.5, 4.0), layout="constrained")
+    ax.bar(x - 0.2, paper, 0.4, label="paper (Cityscapes val)", color="#9e9e9e")
+    ax.bar(x + 0.2, ours, 0.4, label=f"ours ({dataset_label(s)})", color="#1f77b4")
+    for xi, value in zip(x, ours, strict=True):
+        if not np.isnan(value):
+            ax.annotate(f"{value:.1f}", (xi + 0.2, value), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(f"Table {table.number}. {table.title}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never on them
+    return fig
+
+
+def log_table(client: Any, run_id: str, table: Table, lines: list[Line], s: Settings) -> str:
+    """Write tableN.md, tableN.csv and tableN.png on the table's run; return the markdown."""
+    import matplotlib.pyplot as plt
+
+    text = table_markdown(table, lines, s)
+    header, rows = table_rows(table, lines)
+    stem = f"table{table.number}"
+    client.log_text(run_id, text, f"{stem}.md")
+    client.log_text(run_id, csv_text(header, rows), f"{stem}.csv")
+    fig = table_figure(table, lines, s)
+    client.log_figure(run_id, fig, f"{stem}.png")
+    plt.close(fig)
+    return text
 
 
 def run_table(s: Settings, table: Table) -> tuple[str, list[Line]]:
@@ -258,8 +364,7 @@ def run_table(s: Settings, table: Table) -> tuple[str, list[Line]]:
             lines = run_evaluation_table(s, table, parent)
         else:
             lines = run_training_table(s, table, parent)
-        text = table_markdown(table, lines, s)
-        client.log_text(parent, text, f"table{table.number}.md")
+        text = log_table(client, parent, table, lines, s)
         status = "FINISHED"
     finally:
         client.set_terminated(parent, status=status)
@@ -295,11 +400,14 @@ def run_ablations(args: argparse.Namespace) -> dict[int, tuple[str, list[Line]]]
             max_failures=args.max_failures,
             address=args.address,
             num_cpus=args.num_cpus or cpu_count(),
+            keep_checkpoints=args.keep_checkpoints,
         )
         for n in numbers:
             text, lines = run_table(s, TABLES[n])
             print(f"\n{text}")
             out[n] = (text, lines)
+        exp_id = experiment_id(mlflow_client(s.uri), s.experiment)
+    print_ui_hint(args.tracking_uri, exp_id, [f"tags.{table_tag(n)} IS NOT NULL" for n in numbers])
     return out
 
 

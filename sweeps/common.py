@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ SMOKE_OVERRIDES: tuple[str, ...] = (
     "eval.every=2",
     "eval.num_pictures=0",
     "checkpoint.every=2",
+    "checkpoint.keep=1",
     "data.crop_size=64",
     "data.batch_size=2",
     "data.num_workers=0",
@@ -139,6 +141,17 @@ def _run(command: list[str]) -> None:
         )
 
 
+def quiet_tune() -> None:
+    """Keep Tune's own console output off: the sweeps print a line per trial event instead.
+
+    Tune's newer reporter prints an experiment box and a TensorBoard hint even at verbose=0;
+    the legacy one is silent at verbose=0. The snapshot-frequency warning is about reports with
+    checkpoints, which are tiny references here (sweeps/trial.py).
+    """
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join `address` (auto / ray://HOST:PORT) or start a local Ray sized to this machine.
 
@@ -149,14 +162,21 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    env = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     # Ray gives each trial OMP_NUM_THREADS = its CPUs; a value set here (tests) wins.
-    threads = os.environ.get("OMP_NUM_THREADS")
-    runtime_env = {"env_vars": {"OMP_NUM_THREADS": threads}} if threads else None
+    if os.environ.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+    runtime_env = {"env_vars": env}
     from pipeline.ray_local import join_cluster, start_local
 
     if address:
         join_cluster(address, runtime_env=runtime_env)
         return
+    # Ray keeps token authentication on for a new local instance (its default, which this
+    # keeps) and warns about it on every start; sweeps/README.md says it once instead.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
     # A new private cluster on loopback even when another Ray runs on this machine.
     start_local(num_cpus or os.cpu_count() or 1, runtime_env=runtime_env, log_to_driver=True)
 
@@ -196,14 +216,15 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def close_unfinished_children(client: Any, experiment_id: str, parent_run_id: str) -> list[str]:
-    """Mark child runs that are still RUNNING as KILLED; return their ids.
+    """Mark the trial runs of sweep run `parent_run_id` (tag sweep_run) that are still RUNNING as
+    KILLED; return their ids.
 
     A trial stopped by ASHA (or lost with its worker) never reaches the end of training, so its
     MLflow run would otherwise stay RUNNING for ever.
     """
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.sweep_run = '{parent_run_id}' and attributes.status = 'RUNNING'",
     )
     for run in runs:
         client.set_terminated(run.info.run_id, status="KILLED")
@@ -246,4 +267,9 @@ def add_common_args(p: argparse.ArgumentParser, *, storage: str, smoke_help: str
         "--max-failures", type=int, default=2, help="retries per training run (default 2)"
     )
     p.add_argument("--storage", default=storage, help="Tune results and trial run dirs")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep a finished run's DeepSpeed checkpoints (default: only its exported model.pt)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides key=value for every run")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,39 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def ui_command(uri: str | None) -> str | None:
+    """The `mlflow ui` command that opens a SQLite store and its artifacts; None for a server URI."""
+    db = sqlite_path(resolve_tracking_uri(uri))
+    if db is None:
+        return None
+    return (
+        f"mlflow ui --backend-store-uri {SQLITE_PREFIX}{db} "
+        f"--artifacts-destination {db.parent / 'mlartifacts'} --host 127.0.0.1 --port 5000"
+    )
+
+
+def ui_url(experiment_id: str, search: str | None = None, port: int = 5000) -> str:
+    """The experiment's runs table in MLflow 3's UI, with `search` typed in its search box.
+
+    `workflowType=machine_learning` is the sidebar's "Model training" switch: without it the
+    UI (by default in its GenAI mode) opens an experiment on the GenAI overview.
+    """
+    query = "workflowType=machine_learning"
+    if search:
+        query += "&searchFilter=" + urllib.parse.quote(search)
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def print_ui_hint(uri: str | None, experiment_id: str, filters: list[str]) -> None:
+    """Tell the user how to look at the runs in the MLflow UI (the sweep's server is gone)."""
+    command = ui_command(uri)
+    lines = ["Compare the runs in the MLflow UI:"]
+    if command:
+        lines.append(f"  {command}")
+    lines += [f"  {ui_url(experiment_id, f)}" for f in filters]
+    print("\n".join(lines))
+
+
 @contextlib.contextmanager
 def tracking_server(uri: str | None, *, startup_timeout_s: float = 120.0) -> Iterator[str]:
     """Yield a URI that concurrent trials can share.
@@ -75,6 +109,9 @@ def tracking_server(uri: str | None, *, startup_timeout_s: float = 120.0) -> Ite
     if db is None:
         yield resolved
         return
+    # MLflow prints a "View run at <url>" link per finished run: this server is gone after the
+    # sweep, so print_ui_hint names the persistent store instead.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     db.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -32,7 +32,7 @@ from sweeps.common import (
     init_ray,
     markdown_table,
 )
-from sweeps.mlflow_server import tracking_server
+from sweeps.mlflow_server import print_ui_hint, tracking_server
 from sweeps.runner import (
     SweepSpec,
     cpu_count,
@@ -179,6 +179,7 @@ class SweepOutcome:
 
 TABLE_HEADER = ["rank", "trial", "ratio", "fusion", "alpha", "beta", "gamma",
                 "miou", "iteration", "status", "retries", "mlflow_run"]  # fmt: skip
+# retries: restarts of the trial (failure retries and resumes), from the attempt it reports.
 
 
 def results_rows(
@@ -262,6 +263,7 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
             max_concurrent=args.max_concurrent,
             scheduler=None if args.no_early_stop else asha(cfg, args.smoke, args.grace_period),
             callbacks=list(callbacks),
+            keep_checkpoints=args.keep_checkpoints,
         )
         grid, parent_run_id, complete = fit(spec, resume=args.resume)
         statuses = trial_statuses(grid)
@@ -275,6 +277,8 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
         print(f"\n{title}\n\n{markdown}")
         log_table(client, parent_run_id, f"{title}\n\n{markdown}", csv_text(TABLE_HEADER, rows),
                   "sweep_results")  # fmt: skip
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+    print_ui_hint(args.tracking_uri, exp_id, [f'tags.sweep_run = "{parent_run_id}"'])
     return SweepOutcome(parent_run_id, rows, TABLE_HEADER, markdown, complete)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeps.common import close_unfinished_children
+from sweeps.common import close_unfinished_children, quiet_tune
 from sweeps.trial import train_trial, train_trial_distributed
 
 
@@ -38,7 +38,9 @@ class SweepSpec:
     max_concurrent: int | None = None
     scheduler: Any = None  # e.g. ASHAScheduler(time_attr="iteration", ...)
     callbacks: list[Any] = field(default_factory=list)  # extra tune.Callback objects (tests)
-    parent_run_id: str | None = None  # nest under this existing run (its owner ends it)
+    parent_run_id: str | None = None  # group under this existing run (its owner ends it)
+    nest: bool = True  # trials are MLflow children of the group run (else tagged sweep_run only)
+    keep_checkpoints: bool = False  # keep a finished trial's DeepSpeed checkpoints (else pruned)
 
     def __post_init__(self) -> None:
         if not self.storage.is_absolute():
@@ -69,8 +71,10 @@ def mlflow_client(tracking_uri: str):
 
 
 def experiment_id(client: Any, name: str) -> str:
-    found = client.get_experiment_by_name(name)
-    return found.experiment_id if found is not None else client.create_experiment(name)
+    """The experiment's id, created (of the kind MLflow's UI opens on its runs table) if needed."""
+    from launch.tracking import get_or_create_experiment
+
+    return get_or_create_experiment(client, name, client.tracking_uri)
 
 
 def start_parent_run(spec: SweepSpec, client: Any, resume: bool) -> str:
@@ -103,6 +107,10 @@ def _describe(space: dict[str, Any]) -> str:
     return json.dumps({k: str(v) for k, v in space.items()})
 
 
+# Every trial's run carries the id of its sweep's (or table's) run, nested or not.
+GROUP_TAG = "sweep_run"
+
+
 def make_trainable(spec: SweepSpec, parent_run_id: str):
     from ray import tune
 
@@ -111,10 +119,11 @@ def make_trainable(spec: SweepSpec, parent_run_id: str):
         "overrides": list(spec.overrides),
         "variants": spec.variants,
         "tracking_uri": spec.tracking_uri,
-        "parent_run_id": parent_run_id,
+        "parent_run_id": parent_run_id if spec.nest else None,
         "experiment": spec.experiment,
-        "tags": dict(spec.tags),
+        "tags": {**spec.tags, GROUP_TAG: parent_run_id},
         "runs_root": str(spec.experiment_dir / "runs"),
+        "keep_checkpoints": spec.keep_checkpoints,
         "workers": spec.workers_per_trial,
         "use_gpu": spec.gpus_per_trial > 0,
         "worker_resources": {
@@ -141,6 +150,7 @@ def fit(spec: SweepSpec, *, resume: bool = False):
     """
     from ray import tune
 
+    quiet_tune()
     client = mlflow_client(spec.tracking_uri)
     if not resume and spec.experiment_dir.exists():
         raise FileExistsError(
@@ -181,8 +191,10 @@ def fit(spec: SweepSpec, *, resume: bool = False):
                     storage_path=str(spec.storage),
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    callbacks=spec.callbacks or None,
-                    verbose=1,
+                    callbacks=[trial_log(spec.experiment_dir / "runs", spec.tags), *spec.callbacks],
+                    # Tune's status tables and per-result lines: TrialLog prints a line per
+                    # trial event instead.
+                    verbose=0,
                 ),
             )
         grid = tuner.fit()
@@ -209,21 +221,70 @@ def expected_trials(spec: SweepSpec) -> int:
 
 
 def trial_statuses(grid: Any) -> dict[str, str]:
-    """trial id -> Tune status (TERMINATED, ERROR, PENDING, RUNNING, PAUSED)."""
-    # ResultGrid exposes results but not trial states; the analysis behind it has them.
-    return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+    """trial id -> TERMINATED (ended: finished or stopped by ASHA), ERROR, or UNFINISHED.
+
+    From the public ResultGrid: a Result's error, and Tune's `done` flag, which is set on the
+    last result of a trial that ended.
+    """
+    out = {}
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        if result.error is not None:
+            out[trial_id] = "ERROR"
+        else:
+            out[trial_id] = "TERMINATED" if metrics.get("done") else "UNFINISHED"
+    return out
 
 
 def trial_failures(grid: Any) -> dict[str, int]:
-    """trial id -> how many times the trial failed and was retried (or gave up)."""
-    return {t.trial_id: int(t.run_metadata.num_failures) for t in grid._experiment_analysis.trials}
+    """trial id -> restarts of the trial seen in its reports (failure retries and resumes)."""
+    out = {}
+    for result in grid:
+        frame = result.metrics_dataframe
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        attempts = frame["attempt"].max() if frame is not None and "attempt" in frame else 1
+        out[trial_id] = max(0, int(attempts) - 1)
+    return out
+
+
+def trial_log(runs_root: Path, tags: dict[str, str]) -> Any:
+    """A Tune callback printing one line per trial event: what the trial is (its MLflow run
+    name), its evaluations, its end or failure, and where its training log is."""
+    from ray import tune
+
+    from sweeps.trial import TRAIN_LOG, trial_run_name
+
+    def name(trial: Any) -> str:
+        return trial_run_name({**trial.config, "tags": tags}) or trial.trial_id
+
+    class TrialLog(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            log = runs_root / trial.trial_id / TRAIN_LOG
+            print(f"[{name(trial)}] started: trial {trial.trial_id}, training log {log}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            from sweeps.trial import FINISHED_KEY
+
+            if "miou" in result and not result.get(FINISHED_KEY):  # the final one repeats it
+                it, miou = result.get("iteration"), 100 * result["miou"]
+                print(f"[{name(trial)}] iteration {it}: val mIoU {miou:.1f}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            print(f"[{name(trial)}] ended")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log = runs_root / trial.trial_id / TRAIN_LOG
+            print(f"[{name(trial)}] failed, see {log} (retried up to --max-failures times)")
+
+    return TrialLog()
 
 
 def child_runs(client: Any, parent_run_id: str) -> list[Any]:
-    """MLflow runs nested under `parent_run_id` (every state)."""
+    """The trials' MLflow runs of the sweep run `parent_run_id` (every state)."""
     exp = client.get_run(parent_run_id).info.experiment_id
     return client.search_runs(
-        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000
+        [exp], filter_string=f"tags.{GROUP_TAG} = '{parent_run_id}'", max_results=5000
     )
 
 

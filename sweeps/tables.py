@@ -1,5 +1,7 @@
 """The paper's ablation Tables 1-5 (section 4.3, Cityscapes val): rows, overrides, paper mIoU.
 
+Titles leave the dataset out: the written table names the dataset it was run on.
+
 Each row is one training configuration, stated as `key=value` overrides on top of the preset
 (`model.*` fields, cdgcnet/config.py). Table 4 evaluates one trained model four ways.
 
@@ -62,13 +64,13 @@ def _cdgc(aspp: bool, graph: str, fusion: str = "concat", ratio: float = 1.0,
 CDGCNET = _cdgc(True, "ds", "concat", 1.0)  # the final model: ResNet-101+ASPP, ds, ratio 1.0
 
 TABLES: dict[int, Table] = {
-    1: Table(1, "Class-wise GCN vs plain GCN (Cityscapes val)", (
+    1: Table(1, "Class-wise GCN vs plain GCN", (
         Row("baseline", "ResNet-101 Baseline", 76.3, BASELINE),
         Row("plain-gcn", "ResNet-101 + plain-GCN",
             78.2, ("model.aspp=false", "model.context=plain_gcn", "model.fusion=concat")),
         Row("class-gcn", "ResNet-101 + class-GCN", 79.4, _cdgc(False, "sim")),
     )),
-    2: Table(2, "The CDGC module (Cityscapes val)", (
+    2: Table(2, "The CDGC module", (
         Row("baseline", "ResNet-101 Baseline", 76.3, BASELINE),
         Row("aspp", "ResNet-101 + ASPP", 78.4, ASPP),
         Row("cdgc-concat", "ResNet-101 + CDGC(concat)", 79.4, _cdgc(False, "sim", "concat")),
@@ -77,7 +79,7 @@ TABLES: dict[int, Table] = {
         Row("aspp-cdgc-concat", "ResNet-101 + ASPP + CDGC(concat)",
             80.0, _cdgc(True, "sim", "concat")),
     )),
-    3: Table(3, "Graph construction: similarity vs dynamic sampling (Cityscapes val)", (
+    3: Table(3, "Graph construction: similarity vs dynamic sampling", (
         Row("aspp", "ResNet-101 + ASPP", 78.4, ASPP),
         Row("sim", "sim", 80.0, _cdgc(True, "sim")),
         Row("ds-0.2", "ds (ratio 0.2)", 79.8, _cdgc(True, "ds", ratio=0.2)),
@@ -86,18 +88,19 @@ TABLES: dict[int, Table] = {
         Row("ds-0.8", "ds (ratio 0.8)", 80.9, _cdgc(True, "ds", ratio=0.8)),
         Row("ds-1.0", "ds (ratio 1.0)", 81.1, _cdgc(True, "ds", ratio=1.0)),
     )),
-    4: Table(4, "Evaluation strategies (Cityscapes val)", (
+    4: Table(4, "Evaluation strategies", (
         Row("single-scale", "CDGCNet", 81.1),
         Row("ms", "CDGCNet", 81.6, ms=True),
         Row("flip", "CDGCNet", 81.4, flip=True),
         Row("ms-flip", "CDGCNet", 81.9, ms=True, flip=True),
     ), evaluation_only=True, train=CDGCNET),
-    5: Table(5, "Samples used by dynamic sampling, easy-positive ratio 1.0 (Cityscapes val)", (
+    5: Table(5, "Samples used by dynamic sampling, easy-positive ratio 1.0", (
         Row("easy", "Easy Positive", 79.9, _cdgc(True, "ds", parts=("easy",))),
-        Row("easy-hardpos", "Easy Positive + Hard Positive",
+        Row("easy+hard_pos", "Easy Positive + Hard Positive",
             80.5, _cdgc(True, "ds", parts=("easy", "hard_pos"))),
-        Row("easy-hardneg", "Easy Positive + Hard Negative",
+        Row("easy+hard_neg", "Easy Positive + Hard Negative",
             80.0, _cdgc(True, "ds", parts=("easy", "hard_neg"))),
-        Row("all", "Easy Positive + Hard Positive + Hard Negative", 81.1, CDGCNET),
+        Row("easy+hard_pos+hard_neg", "Easy Positive + Hard Positive + Hard Negative",
+            81.1, CDGCNET),
     )),
 }  # fmt: skip

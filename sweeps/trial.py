@@ -12,16 +12,27 @@ so that a resumed sweep hands trials the current MLflow server address. Merged, 
     runs_root       absolute folder holding every trial's run dir
     workers, use_gpu, worker_resources   > 1 worker: a DeepSpeed trial over Ray Train workers
 
-Fault tolerance: each evaluation is reported to Tune with a checkpoint of the run dir. A retried
-or resumed trial keeps its run dir when it is still there (same machine) and otherwise restores
-it from the last reported checkpoint, then training resumes from the run dir (resume="auto").
+Fault tolerance: the run dir is the one copy of a trial's checkpoints. Each evaluation is reported
+to Tune with a small reference checkpoint (run dir, iteration, newest complete DeepSpeed
+checkpoint), not a copy of the weights; a retried or resumed trial finds its run dir at the same
+path (same machine, or a filesystem every node shares), checks that it still holds a checkpoint
+at least as new as the reported one, and training resumes from it (resume="auto"). Once training
+finished, its DeepSpeed checkpoints are deleted (the exported model.pt stays) unless the sweep
+keeps them (`keep_checkpoints`).
+
+Output: everything training prints (the resolved config, DeepSpeed's and torch's messages) goes
+to `<run dir>/train.log` instead of the console; the driver prints one line per trial event.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +65,38 @@ def build_trial_config(config: dict[str, Any], trial_id: str, run_dir: Path):
     tags["trial_id"] = trial_id
     tags["config_hash"] = config_hash(overrides, config["config"])
     tags["run_dir"] = str(run_dir)
+    for name in SEARCH_KEYS:
+        if name in config:
+            tags[name] = str(config[name])
     if config.get("variant") is not None:
         tags["variant"] = str(config["variant"])
+        if tags.get("table"):
+            tags[table_tag(tags["table"])] = tags["variant"]
     cfg.logging.tags = tags
+    cfg.logging.run_name = trial_run_name(config)
     return cfg
+
+
+def table_tag(table: int | str) -> str:
+    """The tag naming a run's row in one ablation table: `table5` = the row's variant.
+
+    One tag per table, because a configuration shared by several tables is one run.
+    """
+    return f"table{table}"
+
+
+def row_name(table: int | str, variant: str) -> str:
+    """MLflow run name of an ablation row, e.g. `table5/easy+hard_pos`."""
+    return f"table{table}/{variant}"
+
+
+def trial_run_name(config: dict[str, Any]) -> str:
+    """What the trial is: `table5/easy+hard_pos`, or its searched values `ratio=0.6 ... fusion=concat`."""
+    variant = config.get("variant")
+    if variant is not None:
+        table = config.get("tags", {}).get("table")
+        return row_name(table, variant) if table else str(variant)
+    return " ".join(f"{name}={config[name]}" for name in SEARCH_KEYS if name in config)
 
 
 def run_dir_of(config: dict[str, Any], trial_id: str) -> Path:
@@ -65,54 +104,96 @@ def run_dir_of(config: dict[str, Any], trial_id: str) -> Path:
     return Path(config["runs_root"]) / trial_id
 
 
-def restore_run_dir(run_dir: Path) -> None:
-    """Bring back the run dir from Tune's last checkpoint when this machine does not have it."""
-    from ray import tune
-
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None or (run_dir.is_dir() and any(run_dir.iterdir())):
-        return
-    with checkpoint.as_directory() as saved:
-        tmp = run_dir.with_name(run_dir.name + ".restoring")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(saved, tmp)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        tmp.rename(run_dir)
+REFERENCE_FILE = "run_dir.json"  # the whole Tune checkpoint of a report
 
 
-def report_with_checkpoint(result: dict[str, Any], run_dir: Path) -> None:
-    """tune.report with a checkpoint holding what resuming needs: the run dir's small files and
-    its newest complete DeepSpeed checkpoint (hard links; Tune copies them to its storage)."""
+def check_run_dir(run_dir: Path) -> None:
+    """Before a retried or resumed trial trains: its run dir must hold the reported progress.
+
+    Tune's checkpoint only names the run dir's DeepSpeed checkpoint; when the run dir is gone
+    (a trial retried on another node without a shared filesystem), training would silently start
+    over, so this raises instead.
+    """
     from ray import tune
 
     from launch.checkpoint import latest_complete
 
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as saved:
+        reference = json.loads((Path(saved) / REFERENCE_FILE).read_text())
+    wanted = reference.get("checkpoint_iteration")
+    if wanted is None:
+        return
+    latest = latest_complete(run_dir / "checkpoints")
+    if latest is None or latest.iteration < wanted:
+        raise FileNotFoundError(
+            f"{run_dir}: the trial reported a checkpoint at iteration {wanted}, but its run dir "
+            f"holds {'none' if latest is None else f'only iteration {latest.iteration}'}; retries "
+            "and resumes continue from the run dir where training wrote it (same machine, or a "
+            "runs folder every node shares)"
+        )
+
+
+def report_with_checkpoint(result: dict[str, Any], run_dir: Path) -> None:
+    """tune.report with a reference checkpoint: the run dir and its newest complete DeepSpeed
+    checkpoint, named, not copied (Tune would copy every report's weights into its storage)."""
+    from ray import tune
+
+    from launch.checkpoint import latest_complete
+
+    latest = latest_complete(run_dir / "checkpoints")
+    reference = {
+        "run_dir": str(run_dir),
+        "checkpoint": None if latest is None else str(latest.path),
+        "checkpoint_iteration": None if latest is None else latest.iteration,
+    }
     staged = run_dir.with_name(run_dir.name + ".report")
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
     try:
-        for item in run_dir.iterdir():
-            if item.is_file() and item.name != "model.pt":  # the export is rebuilt at the end
-                _link(item, staged / item.name)
-        ckpts = run_dir / "checkpoints"
-        latest = latest_complete(ckpts)
-        if latest is not None:
-            (staged / "checkpoints").mkdir()
-            for item in ckpts.iterdir():
-                if item.is_file():
-                    _link(item, staged / "checkpoints" / item.name)
-            shutil.copytree(latest.path, staged / "checkpoints" / latest.path.name,
-                            copy_function=_link)  # fmt: skip
+        (staged / REFERENCE_FILE).write_text(json.dumps(reference, indent=1))
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(staged)))
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _link(src: Any, dst: Any) -> None:
-    try:
-        Path(dst).hardlink_to(src)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(src, dst)
+def prune_finished(run_dir: Path, keep_checkpoints: bool) -> None:
+    """After training finished: drop its DeepSpeed checkpoints (model.pt is the result)."""
+    if not keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def count_attempt(run_dir: Path) -> int:
+    """1 on a trial's first start, then one more per restart (failure retry or resume)."""
+    path = run_dir / "attempts"
+    attempt = int(path.read_text()) + 1 if path.is_file() else 1
+    tmp = path.with_name("attempts.tmp")
+    tmp.write_text(str(attempt))
+    tmp.rename(path)
+    return attempt
+
+
+@contextlib.contextmanager
+def output_to(log_path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so that C++ and
+    subprocess output follow) to `log_path` while training runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 # Set on the report made after training returned. (Tune's own "done" field is True on the last
@@ -120,9 +201,9 @@ def _link(src: Any, dst: Any) -> None:
 FINISHED_KEY = "training_finished"
 
 
-def tune_result(iteration: int, metrics: dict[str, Any]) -> dict[str, Any]:
+def tune_result(iteration: int, metrics: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
     """The numbers Tune sees from one evaluation (scalars only; per-class IoU goes to MLflow)."""
-    result = {"iteration": int(iteration), "miou": float(metrics["miou"])}
+    result = {"iteration": int(iteration), "miou": float(metrics["miou"]), "attempt": attempt}
     if "pixel_accuracy" in metrics:
         result["pixel_accuracy"] = float(metrics["pixel_accuracy"])
     return result
@@ -135,21 +216,27 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     config = {**sweep, **config}
     trial_id = tune.get_context().get_trial_id()
     run_dir = run_dir_of(config, trial_id)
-    restore_run_dir(run_dir)
-    cfg = build_trial_config(config, trial_id, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir)
+    attempt = count_attempt(run_dir)
+    cfg = build_trial_config(config, trial_id, run_dir)
 
     def on_eval(iteration: int, metrics: dict[str, Any]) -> None:
-        report_with_checkpoint(tune_result(iteration, metrics), run_dir)
+        report_with_checkpoint(tune_result(iteration, metrics, attempt), run_dir)
 
-    final = _run_training(cfg, on_eval)
+    with output_to(run_dir / TRAIN_LOG):
+        final = _run_training(cfg, on_eval)
     tune.report(
         {
-            **tune_result(final["iteration"], final),
+            **tune_result(final["iteration"], final, attempt),
             FINISHED_KEY: True,
             "run_id": final.get("run_id"),
         }
     )
+    prune_finished(run_dir, bool(config.get("keep_checkpoints")))
+
+
+TRAIN_LOG = "train.log"  # in the run dir: what training printed
 
 
 def _run_training(cfg: Any, on_eval: Callable[[int, dict], None] | None) -> dict[str, Any]:
@@ -174,8 +261,9 @@ def train_trial_distributed(config: dict[str, Any], sweep: dict[str, Any]) -> No
     config = {**sweep, **config}
     trial_id = tune.get_context().get_trial_id()
     run_dir = run_dir_of(config, trial_id)
-    restore_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir)
+    attempt = count_attempt(run_dir)
     # No CPU: it must fit in the trial's placement group, whose CPUs the workers hold.
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
@@ -203,11 +291,11 @@ def train_trial_distributed(config: dict[str, Any], sweep: dict[str, Any]) -> No
     final: dict[str, Any] | None = None
     while worker.is_alive() or not queue.empty():
         try:
-            kind, iteration, metrics = queue.get(timeout=1.0)
+            kind, _, metrics = queue.get(timeout=1.0)
         except Empty:
             continue
         if kind == "eval":
-            report_with_checkpoint(tune_result(iteration, metrics), run_dir)
+            report_with_checkpoint({**metrics, "attempt": attempt}, run_dir)
         else:
             final = metrics
     worker.join()
@@ -218,11 +306,12 @@ def train_trial_distributed(config: dict[str, Any], sweep: dict[str, Any]) -> No
         raise RuntimeError(f"trial {trial_id}: training ended without final metrics from rank 0")
     tune.report(
         {
-            **tune_result(final["iteration"], final),
+            **tune_result(final["iteration"], final, attempt),
             FINISHED_KEY: True,
             "run_id": final.get("run_id"),
         }
     )
+    prune_finished(run_dir, bool(config.get("keep_checkpoints")))
 
 
 def _distributed_worker(loop_config: dict[str, Any]) -> None:
@@ -236,6 +325,7 @@ def _distributed_worker(loop_config: dict[str, Any]) -> None:
     def on_eval(iteration: int, metrics: dict[str, Any]) -> None:
         queue.put(("eval", iteration, tune_result(iteration, metrics)))
 
-    final = _run_training(cfg, on_eval)
+    with output_to(run_dir / f"train-rank{rank}.log"):
+        final = _run_training(cfg, on_eval)
     if rank == 0:
         queue.put(("final", final["iteration"], final))

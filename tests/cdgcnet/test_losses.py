@@ -103,7 +103,8 @@ def test_cdgc_loss_absent_heads():
     outputs = {"coarse": torch.randn(1, 3, 8, 8, requires_grad=True)}
     total, terms = CDGCLoss()(outputs, target)
     assert set(terms) == {"coarse", "total"}
-    assert total.item() == pytest.approx(0.6 * cross_entropy(outputs["coarse"], target).item())
+    # Fewer valid pixels than min_kept: OHEM keeps them all, so it equals the plain CE here.
+    assert total.item() == pytest.approx(0.7 * cross_entropy(outputs["coarse"], target).item())
     total.backward()
     with pytest.raises(ValueError, match="'coarse'"):
         CDGCLoss()({"refined": torch.randn(1, 3, 8, 8)}, target)
@@ -144,3 +145,25 @@ def test_ohem_matches_the_gather_formulation(seed):
             case = (thresh, min_kept)
             assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-9), case
             torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-9, msg=str(case))
+
+
+@pytest.mark.parametrize("heads", [("coarse",), ("coarse", "aux"), ("coarse", "refined", "aux")])
+def test_final_prediction_gets_beta_ohem_in_every_model(heads):
+    # Baselines (no context module) predict with the coarse logits: those get the same
+    # beta * OHEM-CE as the refined logits of a CDGC model, never the plain CE.
+    torch.manual_seed(4)
+    target = torch.randint(0, 4, (2, 16, 16))
+    outputs = {k: torch.randn(2, 4, 8, 8) for k in heads}
+    criterion = CDGCLoss(alpha=0.6, beta=0.7, gamma=0.4, ohem_thresh=0.7, ohem_min_kept=20)
+    total, terms = criterion(outputs, target)
+    final = "refined" if "refined" in heads else "coarse"
+    ohem = ohem_cross_entropy(outputs[final], target, 0.7, 20)
+    assert terms[final].item() == pytest.approx(ohem.item(), rel=1e-6)
+    # The hard pixels alone: OHEM differs from the plain CE on these random logits.
+    assert abs(ohem.item() - cross_entropy(outputs[final], target).item()) > 1e-3
+    expected = 0.7 * ohem
+    if final == "refined":
+        expected = expected + 0.6 * cross_entropy(outputs["coarse"], target)
+    if "aux" in heads:
+        expected = expected + 0.4 * cross_entropy(outputs["aux"], target)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -123,7 +123,8 @@ def test_paper_preset_builds_and_runs():
     torch.manual_seed(0)
     model = build_model(model_preset("cityscapes")).train()
     assert isinstance(model.aspp, ASPP) and model.aspp.rates == (12, 24, 36)
-    assert model.backbone.depth == 101 and model.head.reduce[0].out_channels == 512
+    assert model.backbone.depth == 101 and model.aspp.bottleneck[0].out_channels == 512
+    assert isinstance(model.head.reduce, torch.nn.Identity)  # the ASPP's bottleneck reduces
     assert model.fusion.classifier[1].in_channels == 1024
     out = model(torch.randn(1, 3, 33, 33), torch.randint(0, 19, (1, 33, 33)))
     assert {k: tuple(v.shape) for k, v in out.items()} == {

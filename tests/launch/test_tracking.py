@@ -208,3 +208,27 @@ def test_resume_of_an_unknown_run_starts_a_new_one(store, capsys):
     run = MlflowClient(tracking_uri=f"sqlite:///{store}").get_run(run_id)
     assert run.data.tags["resumed_from_run"] == "0123456789abcdef0123456789abcdef"
     assert "not found" in capsys.readouterr().out
+
+
+def test_experiments_open_on_the_runs_table_and_runs_are_named(store):
+    from launch.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, default_run_name
+
+    client = MlflowClient(f"sqlite:///{store}")
+    # An experiment made before the kind was set gets it on the next run.
+    client.create_experiment("kindless")
+    cfg = _cfg(store, "logging.experiment=kindless", "schedule.iterations=30000")
+    tracker = Tracker(cfg, enabled=True)
+    run_id = tracker.start()
+    tracker.end()
+    exp = client.get_experiment_by_name("kindless")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    assert client.get_run(run_id).info.run_name == "scenes r18 30k"
+    fresh = Tracker(_cfg(store, "logging.experiment=fresh", "schedule.iterations=12"), enabled=True)
+    fresh.start()
+    fresh.end()
+    assert client.get_experiment_by_name("fresh").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert client.get_run(fresh.run_id).info.run_name == "scenes r18 12 it"
+    from types import SimpleNamespace as NS
+
+    paper = NS(name="cityscapes", model=NS(depth=101), schedule=NS(iterations=30000))
+    assert default_run_name(paper) == "cityscapes r101 30k"

@@ -170,51 +170,83 @@ def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
-def test_reported_checkpoint_holds_the_newest_complete_checkpoint_and_small_files(
+def test_reported_checkpoint_is_a_reference_to_the_run_dir_not_a_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import json
+
     from ray import tune
 
-    from sweeps.trial import report_with_checkpoint
+    from sweeps.trial import REFERENCE_FILE, report_with_checkpoint
 
     run_dir = _fake_run_dir(tmp_path)
+    before = _files(run_dir)
     reported = {}
 
     def fake_report(metrics, *, checkpoint=None):
         with checkpoint.as_directory() as d:
-            reported.update(metrics=metrics, files=_files(Path(d)))
+            reported.update(
+                metrics=metrics,
+                files=_files(Path(d)),
+                reference=json.loads((Path(d) / REFERENCE_FILE).read_text()),
+            )
 
     monkeypatch.setattr(tune, "report", fake_report)
     report_with_checkpoint({"miou": 0.5, "iteration": 4}, run_dir)
 
     assert reported["metrics"] == {"miou": 0.5, "iteration": 4}
-    assert reported["files"] == {
-        "config.json", "metrics.jsonl", "failed_once_at_3", "checkpoints/zero_to_fp32.py",
-        "checkpoints/iter_00000004/COMPLETE",
-        "checkpoints/iter_00000004/mp_rank_00_model_states.pt",
-    }  # fmt: skip
+    assert reported["files"] == {REFERENCE_FILE}  # no weights travel to Tune's storage
+    assert reported["reference"] == {
+        "run_dir": str(run_dir),
+        "checkpoint": str(run_dir / "checkpoints" / "iter_00000004"),  # newest complete
+        "checkpoint_iteration": 4,
+    }
     assert not (tmp_path / "trial.report").exists()  # the staging folder is gone
-    assert _files(run_dir) >= reported["files"]  # the run dir itself is untouched
+    assert _files(run_dir) == before  # the run dir itself is untouched
 
 
-def test_run_dir_is_restored_from_the_checkpoint_only_when_missing(
+def test_retried_trial_needs_its_run_dir_with_the_reported_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import json
+    import shutil
+
     from ray import tune
 
-    from sweeps.trial import restore_run_dir
+    from sweeps.trial import REFERENCE_FILE, check_run_dir
 
-    saved = _fake_run_dir(tmp_path / "saved")
+    run_dir = _fake_run_dir(tmp_path / "node1")
+    saved = tmp_path / "tune-checkpoint"
+    saved.mkdir()
+    (saved / REFERENCE_FILE).write_text(json.dumps({"checkpoint_iteration": 4}))
     monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(saved)))
-    lost = tmp_path / "node2" / "trial"
-    restore_run_dir(lost)  # another machine: the run dir is rebuilt from the checkpoint
-    assert _files(lost) == _files(saved)
-    kept = tmp_path / "same-node" / "trial"
-    kept.mkdir(parents=True)
-    (kept / "failed_once_at_3").write_text("newer than the checkpoint")
-    restore_run_dir(kept)  # still there (same machine): kept as it is
-    assert _files(kept) == {"failed_once_at_3"}
+    check_run_dir(run_dir)  # same machine: iteration 4 is there
+    shutil.rmtree(run_dir / "checkpoints" / "iter_00000004")
+    with pytest.raises(FileNotFoundError, match=r"iteration 4.*only iteration 2"):
+        check_run_dir(run_dir)  # a newer checkpoint was lost: no silent restart from older
+    with pytest.raises(FileNotFoundError, match=r"node2/trial.*holds none"):
+        check_run_dir(tmp_path / "node2" / "trial")  # another machine without a shared folder
     monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
-    fresh = tmp_path / "fresh"
-    restore_run_dir(fresh)  # first attempt: nothing to restore
-    assert not fresh.exists()
+    check_run_dir(tmp_path / "fresh")  # first attempt: nothing reported yet
+
+
+def test_finished_run_keeps_its_export_only_unless_asked(tmp_path: Path) -> None:
+    from sweeps.trial import count_attempt, prune_finished
+
+    kept = _fake_run_dir(tmp_path / "a")
+    prune_finished(kept, keep_checkpoints=True)
+    assert (kept / "checkpoints").is_dir()
+    pruned = _fake_run_dir(tmp_path / "b")
+    prune_finished(pruned, keep_checkpoints=False)
+    assert not (pruned / "checkpoints").exists() and (pruned / "model.pt").is_file()
+    assert [count_attempt(pruned) for _ in range(3)] == [1, 2, 3]
+
+
+def test_trials_are_named_for_what_they_are() -> None:
+    from sweeps.trial import trial_run_name
+
+    assert trial_run_name({"variant": "easy+hard_pos", "tags": {"table": "5"}}) == (
+        "table5/easy+hard_pos"
+    )
+    searched = {"ratio": 0.6, "fusion": "concat", "alpha": 0.6, "beta": 0.7, "gamma": 0.4}
+    assert trial_run_name(searched) == "ratio=0.6 fusion=concat alpha=0.6 beta=0.7 gamma=0.4"

@@ -154,7 +154,8 @@ def test_multi_worker_trial_trains_with_two_deepspeed_ranks(
     from sweeps.ratio_sweep import run_sweep
 
     args = _args(tmp_path, tracking_uri, smoke_shards, "ranks", "--ratios", "1.0", "--fusions",
-                 "concat", "--workers-per-trial", "2", "--cpus-per-trial", "1.9")  # fmt: skip
+                 "concat", "--workers-per-trial", "2", "--cpus-per-trial", "1.9",
+                 "--keep-checkpoints")  # fmt: skip
     outcome = run_sweep(args)
 
     assert outcome.complete
@@ -162,7 +163,12 @@ def test_multi_worker_trial_trains_with_two_deepspeed_ranks(
     assert _column(outcome, "iteration") == [4]
     (run,) = _children(tracking_uri, outcome.parent_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["val/miou"] == pytest.approx(_column(outcome, "miou")[0])
-    run_dir = Path(run.data.tags["run_dir"])
+    from sweeps.runner import mlflow_client
+
+    history = mlflow_client(tracking_uri).get_metric_history(run.info.run_id, "val/miou")
+    assert [m.step for m in history] == [2, 4]
+    # The table ranks a trial by its best evaluation.
+    assert max(m.value for m in history) == pytest.approx(_column(outcome, "miou")[0])
+    run_dir = Path(run.data.tags["run_dir"])  # --keep-checkpoints: the checkpoints stay
     marker = run_dir / "checkpoints" / "iter_00000004" / "COMPLETE"
     assert json.loads(marker.read_text())["world_size"] == 2

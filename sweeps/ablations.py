@@ -38,7 +38,7 @@ from sweeps.common import (
 )
 from sweeps.mlflow_server import print_ui_hint, tracking_server
 from sweeps.runner import GROUP_TAG, SweepSpec, cpu_count, experiment_id, fit, mlflow_client
-from sweeps.tables import MS_SCALES, TABLES, Row, Table
+from sweeps.tables import TABLES, Row, Table
 from sweeps.trial import row_name, table_tag
 
 MIOU_METRIC = "val/miou"  # logged by launch.tracking.Tracker.log_evaluation

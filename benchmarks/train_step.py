@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from benchmarks import common
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "cityscapes": dict(crop=769, batch=2, classes=19, depth=101, channels=512, aspp_channels=256),
-    "voc": dict(crop=513, batch=2, classes=21, depth=101, channels=512, aspp_channels=256),
-    "cocostuff": dict(crop=520, batch=2, classes=171, depth=101, channels=512, aspp_channels=256),
-    "cpu": dict(crop=257, batch=2, classes=19, depth=50, channels=512, aspp_channels=256),
+    "cityscapes": dict(crop=769, batch=2, classes=19, depth=101, channels=512, aspp_channels=512),
+    "voc": dict(crop=513, batch=2, classes=21, depth=101, channels=512, aspp_channels=512),
+    "cocostuff": dict(crop=520, batch=2, classes=171, depth=101, channels=512, aspp_channels=512),
+    "cpu": dict(crop=257, batch=2, classes=19, depth=50, channels=512, aspp_channels=512),
     "smoke": dict(crop=65, batch=2, classes=19, depth=18, channels=64, aspp_channels=64),
 }
 PAPER = ("cityscapes", "voc", "cocostuff")

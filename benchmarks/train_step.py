@@ -86,6 +86,7 @@ def build(case: str, p: dict[str, Any], device: torch.device) -> torch.nn.Module
             aspp_channels=p["aspp_channels"],
             context="none" if case == "baseline" else "cdgc",
             checkpoint=case == "cdgc_ckpt",
+            cdgc_precision="autocast" if case == "cdgc_graph_bf16" else "fp32",
         )
         model = build_model(cfg)
         if case == "cdgc_compiled":  # the static-shape parts; CDGC's segments vary per step
@@ -156,6 +157,8 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> lis
     cases = [c for c in CASES if c != "torchvision"]
     if args.compile:
         cases.append("cdgc_compiled")
+    if device.type == "cuda":  # under bf16 autocast: the CDGC graph in bf16 instead of float32
+        cases.append("cdgc_graph_bf16")
     if name in PAPER and _has_torchvision():
         cases.append("torchvision")
     skipped = {}

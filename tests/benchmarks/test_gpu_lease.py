@@ -53,7 +53,7 @@ def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
         (f"iter_{n:08d}", True),
     ]
     assert run["exported_model"]
-    assert run["pretrained_override"] in ("model.pretrained=none", "model.pretrained=null")
+    assert run["pretrained_override"] == "model.pretrained=none"
     assert resume["status"] == "ok"
     assert resume["iterations_after_resume"] == list(range(half + 1, n + 1))
     assert resume["loss_max_rel_diff_vs_run"] == 0.0  # fp32 on CPU: the resume is exact
@@ -235,16 +235,9 @@ def test_sdpa_backends_from_profiler_op_names() -> None:
     assert names(["aten::scaled_dot_product_attention"]) == []
 
 
-def test_pretrained_spellings_hold_both_and_one_loads() -> None:
-    from launch.config import ConfigError, load_config
+def test_from_scratch_override_loads_the_paper_preset() -> None:
+    from launch.config import check_pretrained, load_config
 
-    spellings = gpu_lease.pretrained_overrides()
-    assert sorted(spellings) == ["model.pretrained=none", "model.pretrained=null"]
-    loaded = []
-    for spelling in spellings:
-        try:
-            load_config("cityscapes", [spelling])
-        except ConfigError:
-            continue
-        loaded.append(spelling)
-    assert loaded, "neither spelling of 'no pretrained weights' loads"
+    cfg = load_config("cityscapes", [gpu_lease.FROM_SCRATCH])
+    check_pretrained(cfg)  # the paper preset refuses to start without it
+    assert cfg.model.pretrained == "none"

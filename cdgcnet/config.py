@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from cdgcnet.cdgc import QUERIES
+
 DEPTHS = (18, 34, 50, 101)
 OUTPUT_STRIDES = (8, 16)
 CONTEXTS = ("cdgc", "plain_gcn", "none")
@@ -52,6 +54,10 @@ class ModelConfig:
     """Bernoulli sampling ratio of the easy positives for graph="ds", in [0, 1]."""
     parts: tuple[str, ...] = PARTS
     """Node-set parts used by graph="ds" (paper Table 5): subset of easy, hard_pos, hard_neg."""
+    queries: str = "members"
+    """Which nodes are the rows (queries) of each class graph A_m (the keys are V_m in both):
+    "members" (V_m; Z_m is zero outside V_m) | "all" (every node, so every pixel gets M class
+    contexts). See cdgcnet/cdgc.py for the two readings of section 3.3."""
     fusion: str = "concat"
     """How the CDGC output R joins the feature X: "concat" ([X, R], 2C) | "sum" (X + R)."""
     impl: str = "segmented"
@@ -99,6 +105,12 @@ class ModelConfig:
             )
         _check_choice(self, "fusion", FUSIONS)
         _check_choice(self, "impl", IMPLS)
+        _check_choice(self, "queries", QUERIES)
+        if self.impl == "jagged" and self.queries == "all" and self.context == "cdgc":
+            raise ValueError(
+                "ModelConfig.impl='jagged' cannot run queries='all' (its queries are every node, "
+                "not segments); use impl='segmented'"
+            )
         if self.impl == "jagged" and self.checkpoint:
             raise ValueError(
                 "ModelConfig.impl='jagged' cannot be checkpointed (torch's checkpoint cannot save "

@@ -45,6 +45,7 @@ class CDGCNet(nn.Module):
                 impl=cfg.impl,
                 checkpoint=cfg.checkpoint,
                 class_wise=cfg.context == "cdgc",
+                queries=cfg.queries,
             )
             self.fusion = FusionHead(cfg.channels, cfg.num_classes, cfg.fusion, cfg.dropout)
         self.aux_head = (

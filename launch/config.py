@@ -395,12 +395,22 @@ def _scenes() -> TrainConfig:
     )
 
 
+def _context() -> TrainConfig:
+    """The `scenes` preset on the generated `context` set (same-class context needed)."""
+    cfg = _scenes()
+    cfg.name = "context"
+    cfg.data.root = "shards/context"
+    cfg.runtime.run_dir = "runs/context"
+    return cfg
+
+
 PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     "cityscapes": _cityscapes,
     "voc": _voc,
     "cocostuff10k": lambda: _cocostuff("cocostuff10k", "train", "test"),
     "cocostuff164k": lambda: _cocostuff("cocostuff164k", "train", "val"),
     "scenes": _scenes,
+    "context": _context,
 }
 
 

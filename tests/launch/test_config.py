@@ -45,7 +45,17 @@ def test_scenes_preset_is_the_cpu_demo() -> None:
     cfg = preset("scenes")
     assert cfg.model.depth == 18 and cfg.dataset == "cityscapes" and cfg.model.num_classes == 19
     assert cfg.data.root == "shards/scenes" and not cfg.model.checkpoint
-    assert set(PRESETS) == {"cityscapes", "voc", "cocostuff10k", "cocostuff164k", "scenes"}
+    assert set(PRESETS) == {
+        "cityscapes",
+        "voc",
+        "cocostuff10k",
+        "cocostuff164k",
+        "scenes",
+        "context",
+    }
+    context = preset("context")  # the scenes run on the generated `context` set
+    assert context.data.root == "shards/context" and context.runtime.run_dir == "runs/context"
+    assert context.model == cfg.model and context.optim == cfg.optim
 
 
 def test_overrides_convert_types() -> None:

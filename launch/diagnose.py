@@ -104,9 +104,8 @@ def diagnose(
         context.training = False
         for hook in hooks:
             hook.remove()
-    result["coarse"] = miou(
-        _CoarseHead(model).eval(), stream_factory()
-    )  # eval: evaluate() restores it
+    coarse_head = _CoarseHead(model).eval()  # eval: evaluate() restores the wrapper's mode
+    result["coarse"] = miou(coarse_head, stream_factory())
     result["lift"] = result["training_graph"] - result["normal"]
     result["refined_vs_coarse"] = result["normal"] - result["coarse"]
     return result

@@ -372,7 +372,7 @@ class CDGCModule(nn.Module):
         return out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last memory
 
     def _streamed(self, x: Tensor, plan: _Plan, checkpointed: bool) -> Tensor:
-        """queries="all": per class, every node attends to V_m; W_agg_m Z_m summed in place."""
+        """queries="all": per class, every node attends to V_m; W_agg_m Z_m summed per image."""
         b, c, h, w = x.shape
         n, g = h * w, self.num_groups
         xf = x.permute(0, 2, 3, 1).reshape(b * n, c)  # (B*N, C)
@@ -384,28 +384,29 @@ class CDGCModule(nn.Module):
         w_graph = self.graph_weight.view(g, c, c).unbind(0)  # G x (C_out, C_in)
         w_agg = self.aggregate_weight.view(c, g, c).unbind(1)  # G x (C_out, C_in)
         k_seg, v_seg = k.split(plan.seg_sizes), v.split(plan.seg_sizes)
-        out = xf.new_zeros(b, n, c)  # (B, N, C): the one accumulation buffer
+        # One (N, C) accumulator per image (no index tensor to copy to the device); an image
+        # whose every V_m is empty stays None and gets zeros.
+        acc: list[Tensor | None] = [None] * b
         for m in range(g):
             images = [i for i in range(b) if plan.seg_sizes[m * b + i]]
             if not images:  # V_m empty in every image: class m adds nothing
                 continue
+            queries = [q_img[i] for i in images]  # each (N, C)
             keys = [k_seg[m * b + i] for i in images]  # each (L_i, C)
             values = [v_seg[m * b + i] for i in images]
-            queries = [q_img[i] for i in images]
             args = (w_graph[m], w_agg[m], *queries, *keys, *values)
             if checkpointed:
                 u = _checkpoint(_class_context, *args, use_reentrant=False)
             else:
                 u = _class_context(*args)  # (B_m, N, C)
-            if len(images) == b:
-                out = out + u
-            else:
-                out = out.index_add(0, torch.tensor(images, device=x.device), u)
-        if not plan.class_sizes or not any(plan.class_sizes):
+            for i, u_i in zip(images, u.unbind(0), strict=True):
+                acc[i] = u_i if acc[i] is None else acc[i] + u_i
+        if all(a is None for a in acc):
             # No node at all (T = 0): keep every weight in the graph so it gets a (zero) gradient,
             # as in the dense path.
-            out = out + 0.0 * (q.sum() + k.sum() + self.graph_weight.sum())
-            out = out + 0.0 * self.aggregate_weight.sum()
+            zero = 0.0 * (q.sum() + k.sum() + self.graph_weight.sum() + self.aggregate_weight.sum())
+            acc = [zero.expand(n, c)] * b
+        out = torch.stack([xf.new_zeros(n, c) if a is None else a for a in acc])  # (B, N, C)
         return out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last memory
 
     # ------------------------------------------------------------------ validation

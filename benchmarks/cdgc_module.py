@@ -61,7 +61,15 @@ def run_case(case: dict) -> dict:
     cuda = device.type == "cuda"
     B, C, H, W, M = (case[k] for k in "BCHWM")
     torch.manual_seed(0)
-    mod = CDGCModule(C, M, graph="ds", ratio=1.0, impl=case["impl"], checkpoint=case["checkpoint"])
+    mod = CDGCModule(
+        C,
+        M,
+        graph="ds",
+        ratio=1.0,
+        impl=case["impl"],
+        checkpoint=case["checkpoint"],
+        queries="members",  # the segment kernels this script compares
+    )
     mod = mod.to(device).train()
     x, coarse, target = _inputs(B, C, H, W, M, device)
     x.requires_grad_(True)

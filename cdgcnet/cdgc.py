@@ -24,7 +24,8 @@ What forward computes, given X (B, C, H, W) and coarse logits P (B, M, H, W):
    as BN follows): the refined feature, returned before fusion.
 
 Section 3.3 admits two readings of which nodes are the rows (queries) of A_m, chosen by
-``queries``; the keys are V_m in both:
+``queries`` (default "all": the literal reading, and the one whose training graph does not leak
+the labels; measured in REPRODUCING.md); the keys are V_m in both:
 
 - "members": rows i in V_m only, so Z_m is zero outside V_m and a pixel receives the context of
   the (one or two) classes it is a member of. With graph="ds" in training the set of non-zero
@@ -122,7 +123,7 @@ class CDGCModule(nn.Module):
         checkpoint: bool = False,
         class_wise: bool = True,
         ignore_index: int = 255,
-        queries: str = "members",
+        queries: str = "all",
     ) -> None:
         super().__init__()
         if not isinstance(in_channels, int) or in_channels <= 0:

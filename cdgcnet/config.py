@@ -54,10 +54,11 @@ class ModelConfig:
     """Bernoulli sampling ratio of the easy positives for graph="ds", in [0, 1]."""
     parts: tuple[str, ...] = PARTS
     """Node-set parts used by graph="ds" (paper Table 5): subset of easy, hard_pos, hard_neg."""
-    queries: str = "members"
+    queries: str = "all"
     """Which nodes are the rows (queries) of each class graph A_m (the keys are V_m in both):
-    "members" (V_m; Z_m is zero outside V_m) | "all" (every node, so every pixel gets M class
-    contexts). See cdgcnet/cdgc.py for the two readings of section 3.3."""
+    "all" (every node, so every pixel gets M class contexts; default) | "members" (V_m only; Z_m
+    is zero outside V_m, and with graph="ds" the refined head can read the ground truth from
+    membership). See cdgcnet/cdgc.py and REPRODUCING.md for the two readings of section 3.3."""
     fusion: str = "concat"
     """How the CDGC output R joins the feature X: "concat" ([X, R], 2C) | "sum" (X + R)."""
     impl: str = "segmented"

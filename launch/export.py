@@ -119,6 +119,8 @@ def model_config_from_dict(cfg_dict: dict, *, source: str | os.PathLike) -> Mode
         raise CheckpointError(f"{source}: unknown model config keys {unknown}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
     kwargs["pretrained"] = None
+    # Models saved before the `queries` option existed were built with the "members" reading.
+    kwargs.setdefault("queries", "members")
     try:
         return ModelConfig(**kwargs)
     except (TypeError, ValueError) as e:

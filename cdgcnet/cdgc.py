@@ -289,11 +289,11 @@ class CDGCModule(nn.Module):
                 return self._dense(inp, nodes)
         elif self._all_queries():
             plan = self._plan(nodes, n_bad)
+            per_class = checkpointed  # _streamed checkpoints class by class instead
+            checkpointed = False
 
             def fn(inp: Tensor) -> Tensor:
-                return self._streamed(inp, plan, checkpointed)
-
-            checkpointed = False  # _streamed checkpoints class by class
+                return self._streamed(inp, plan, per_class)
         else:
             plan = self._plan(nodes, n_bad)
 

@@ -197,3 +197,32 @@ def test_model_config_reaches_the_module():
     cfg = ModelConfig(num_classes=3, depth=18, channels=8, aspp_channels=8, queries="all")
     assert CDGCNet(cfg).context.queries == "all"
     assert CDGCNet(cfg.replace(queries="members")).context.queries == "members"
+
+
+def _saved_bytes(mod: CDGCModule, x, coarse, target) -> int:
+    """Bytes of the distinct storages autograd keeps for backward after one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mod(x.detach().requires_grad_(True), coarse, target)
+    return sum(storages.values())
+
+
+def test_checkpoint_keeps_less_for_backward_and_not_per_class():
+    b, h, w, c, m = 2, 12, 12, 16, 8
+    x = torch.randn(b, c, h, w)
+    labels = _blob_labels(b, h, w, m)
+    coarse = _coarse_from_labels(labels, m).float()
+    saved = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        mod = CDGCModule(c, m, graph="sim", queries="all", checkpoint=ckpt).train()
+        saved[ckpt] = _saved_bytes(mod, x, coarse, labels)
+    per_class_map = b * h * w * c * 4  # one (B, N, C) fp32 tensor
+    classes = int(labels.unique().numel())
+    assert saved[False] > 2 * classes * per_class_map  # SDPA output and ReLU output per class
+    assert saved[True] < 8 * per_class_map < saved[False] / 2  # inputs only, whatever M

@@ -76,6 +76,8 @@ def run_case(case: dict) -> dict:
         impl=case["impl"],
         checkpoint=case["checkpoint"],
         precision=precision,
+        # the segment kernels this script compares; --precision measures the model's default
+        queries=case.get("queries", "members"),
     )
     mod = mod.to(device).train()
     x, coarse, target = _inputs(B, C, H, W, M, device)
@@ -252,7 +254,7 @@ def _precision_main(args: argparse.Namespace, cuda: bool) -> int:
     for device in ["cpu"] + (["cuda"] if cuda and not args.smoke else []):
         for precision in PRECISIONS:
             case = dict(shape, device=device, impl="segmented", checkpoint=False, bf16=True)
-            rec = _spawn(dict(case, precision=precision, iters=args.iters))
+            rec = _spawn(dict(case, precision=precision, queries="all", iters=args.iters))
             records.append(rec)
             print(
                 f"{device:>5} B={rec['B']} C={rec['C']} {rec['H']}x{rec['W']} M={rec['M']} "

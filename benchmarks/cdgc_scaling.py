@@ -54,7 +54,9 @@ def build(spec: dict[str, Any], device: torch.device):
     from cdgcnet.cdgc import CDGCModule
 
     torch.manual_seed(0)
-    mod = CDGCModule(spec["C"], spec["M"], graph="ds", ratio=1.0, impl="segmented")
+    mod = CDGCModule(
+        spec["C"], spec["M"], graph="ds", ratio=1.0, impl="segmented", queries="members"
+    )
     return mod.to(device).train()
 
 

@@ -19,14 +19,28 @@ What forward computes, given X (B, C, H, W) and coarse logits P (B, M, H, W):
 2. A_m = softmax over j in V_m of phi(x_i) . phi'(x_j) (unscaled dot product, eq. 2-3), with
    phi, phi' bias-free linear maps C -> C shared by all classes.
 3. Z_m = ReLU((A_m X_m) W_m), W_m the m-th group of a bias-free grouped 1x1 conv
-   (``graph_weight`` (G*C, C, 1, 1)); Z_m is zero outside V_m.
+   (``graph_weight`` (G*C, C, 1, 1)).
 4. R = ReLU(BN(conv1x1_{G*C -> C}(Z_1 .. Z_G))) (``aggregate_weight`` (C, G*C, 1, 1), bias-free
    as BN follows): the refined feature, returned before fusion.
+
+Section 3.3 admits two readings of which nodes are the rows (queries) of A_m, chosen by
+``queries`` (default "all": the literal reading, and the one whose training graph does not leak
+the labels; measured in REPRODUCING.md); the keys are V_m in both:
+
+- "members": rows i in V_m only, so Z_m is zero outside V_m and a pixel receives the context of
+  the (one or two) classes it is a member of. With graph="ds" in training the set of non-zero
+  groups at a pixel then encodes its ground-truth label (every labelled pixel of class m is in
+  V_m), which the aggregation conv can read and inference cannot supply.
+- "all": the text's "M adjacency matrices A in R^{M x N x N}" taken literally: every node is a
+  row of every class graph, so every pixel receives M class contexts (one per class with a
+  non-empty V_m in its image; an empty V_m gives that class a zero context) and the aggregation
+  conv weighs them. Membership decides only which nodes are keys.
+plain-GCN (class_wise=False) has one graph over all nodes, where both readings coincide.
 
 Three implementations share these parameters (``impl`` may be reassigned on an instance):
 
 - "dense": the literal reference, builds the (B, G, N, N) masked adjacency and the
-  (B, G*C, H, W) class maps. Only usable at small N.
+  (B, G*C, H, W) class maps, for both readings. Only usable at small N.
 - "segmented" (default): memberships are sorted class-major into per-(class, image) segments
   and attention runs inside each segment with ``scaled_dot_product_attention(scale=1.0)``
   (flash / memory-efficient kernels on CUDA, the flash kernel on CPU). The per-class weights
@@ -45,7 +59,15 @@ Three implementations share these parameters (``impl`` may be reassigned on an i
   no sync. On CPU torch runs it as per-segment math, 2-7x slower than "segmented"
   (benchmarks/README.md). Opt-in until a GPU measurement shows it helps. Not with
   checkpoint=True: torch's checkpoint cannot save the nested tensors (it raises "NestedTensorImpl
-  doesn't support sizes"), so that combination is refused with an error.
+  doesn't support sizes"), so that combination is refused with an error. Not with queries="all"
+  (its queries are not segments), refused with an error.
+
+With queries="all" the "segmented" impl streams over classes instead: for each class with
+members, all N queries of each image attend to that image's keys in V_m (one
+``scaled_dot_product_attention(scale=1.0)`` per (class, image)), then W_m, ReLU and W_agg_m, and
+the result is added into one (B*N, C) buffer. Cost N * sum_m |V_m| * C instead of
+sum_m |V_m|^2 * C; neither the (B, G*C, H, W) class maps nor any N x N matrix is built, and the
+forward's working memory is O(B*N*C) besides the gathered keys and values (O(T*C)).
 
 Precision: the unscaled dot-product softmax of eq. 2-3 is ill-conditioned, so bf16 rounding inside it
 is amplified. Measured at C=512, M=19, 33x33, graph="ds", against a float64 copy fed the same bf16
@@ -60,7 +82,10 @@ module runs in half like the rest of the model.
 
 checkpoint=True runs step 2-4 up to the aggregation conv under
 ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``; BN stays outside so its running
-statistics are updated once per step. Gradients are identical with and without it.
+statistics are updated once per step. Gradients are identical with and without it. For the
+streamed all-queries path each class's step is checkpointed on its own, so what is kept for
+backward is O(B*N*C + T*C) instead of two (B*N, C) tensors per class, and the recompute holds
+one class at a time.
 """
 
 from __future__ import annotations
@@ -76,6 +101,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 GRAPHS = ("sim", "ds")
+QUERIES = ("members", "all")
 IMPLS = ("segmented", "dense", "jagged")
 PARTS = ("easy", "hard_pos", "hard_neg")
 PRECISIONS = ("fp32", "autocast")
@@ -118,6 +144,7 @@ class CDGCModule(nn.Module):
         checkpoint: bool = False,
         class_wise: bool = True,
         ignore_index: int = 255,
+        queries: str = "all",
         precision: str = "fp32",
     ) -> None:
         super().__init__()
@@ -135,6 +162,8 @@ class CDGCModule(nn.Module):
         unknown = [p for p in parts if p not in PARTS]
         if unknown or not parts:
             raise _error(f"parts must be a non-empty subset of {PARTS}, got {tuple(parts)!r}")
+        if queries not in QUERIES:
+            raise _error(f"queries must be one of {QUERIES}, got {queries!r}")
         if precision not in PRECISIONS:
             raise _error(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if graph == "ds" and class_wise and float(ratio) == 0.0 and tuple(parts) == ("easy",):
@@ -146,6 +175,7 @@ class CDGCModule(nn.Module):
         self.graph = graph
         self.ratio = float(ratio)
         self.parts = tuple(p for p in PARTS if p in parts)
+        self.queries = queries
         self.impl = impl
         self.checkpoint = bool(checkpoint)
         self.class_wise = bool(class_wise)
@@ -179,7 +209,8 @@ class CDGCModule(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-            f"graph={self.graph!r}, ratio={self.ratio}, parts={self.parts}, impl={self.impl!r}, "
+            f"graph={self.graph!r}, ratio={self.ratio}, parts={self.parts}, "
+            f"queries={self.queries!r}, impl={self.impl!r}, "
             f"checkpoint={self.checkpoint}, class_wise={self.class_wise}, "
             f"precision={self.precision!r}"
         )
@@ -291,19 +322,32 @@ class CDGCModule(nn.Module):
             self._check_logits(coarse_logits, x)
         if target is not None:
             self._check_target(target, b)
+        if self._all_queries() and self.impl == "jagged":
+            raise _error(
+                "impl='jagged' cannot run with queries='all' (its queries are every node, not "
+                "segments); use impl='segmented' or impl='dense'"
+            )
         nodes, n_bad = self._memberships(coarse_logits, target, b, h, w, x.device)  # (B, G, N)
+        checkpointed = self.checkpoint and torch.is_grad_enabled()
         if self.impl == "dense":
             self._raise_bad_labels(int(n_bad))
 
             def fn(inp: Tensor) -> Tensor:
                 return self._dense(inp, nodes)
+        elif self._all_queries():
+            plan = self._plan(nodes, n_bad)
+            per_class = checkpointed  # _streamed checkpoints class by class instead
+            checkpointed = False
+
+            def fn(inp: Tensor) -> Tensor:
+                return self._streamed(inp, plan, per_class)
         else:
             plan = self._plan(nodes, n_bad)
 
             def fn(inp: Tensor) -> Tensor:
                 return self._segmented(inp, plan)
 
-        if self.checkpoint and torch.is_grad_enabled() and self.impl == "jagged":
+        if checkpointed and self.impl == "jagged":
             raise _error(
                 "impl='jagged' cannot run with checkpoint=True (torch's checkpoint cannot "
                 "save nested tensors); use impl='segmented' or checkpoint=False"
@@ -311,11 +355,11 @@ class CDGCModule(nn.Module):
         full = self.precision == "fp32" and _autocast_lowers(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if full else nullcontext():
             inp = x.float() if full else x
-            if self.checkpoint and torch.is_grad_enabled():
-                pre = _checkpoint(fn, inp, use_reentrant=False)
-            else:
-                pre = fn(inp)
+            pre = _checkpoint(fn, inp, use_reentrant=False) if checkpointed else fn(inp)
         return F.relu(self.bn(pre))
+
+    def _all_queries(self) -> bool:
+        return self.class_wise and self.queries == "all"
 
     def _dense(self, x: Tensor, nodes: Tensor) -> Tensor:
         """Literal reference: (B, G, N, N) adjacency and (B, G*C, H, W) class maps."""
@@ -326,10 +370,12 @@ class CDGCModule(nn.Module):
         # An empty class would give all -inf rows (NaN); let it attend anywhere, rows zeroed below.
         keys = nodes | ~nodes.any(-1, keepdim=True)  # (B, G, N)
         logits = scores[:, None].masked_fill(~keys[:, :, None, :], float("-inf"))  # (B, G, N, N)
-        adj = logits.softmax(-1) * nodes[..., None]  # (B, G, N, N), zero rows outside V_m
+        # Rows that get a context: V_m ("members"), or every node when V_m is not empty ("all").
+        rows = nodes.any(-1, keepdim=True).expand_as(nodes) if self._all_queries() else nodes
+        adj = logits.softmax(-1) * rows[..., None]  # (B, G, N, N), zero rows outside `rows`
         y = adj @ xf[:, None]  # (B, G, N, C)
         y = y.transpose(2, 3).reshape(b, g * c, h, w)  # (B, G*C, H, W)
-        inside = nodes.repeat_interleave(c, dim=1).view(b, g * c, h, w)
+        inside = rows.repeat_interleave(c, dim=1).view(b, g * c, h, w)
         z = F.relu(F.conv2d(y, self.graph_weight, groups=g)) * inside  # (B, G*C, H, W)
         return F.conv2d(z, self.aggregate_weight)  # (B, C, H, W)
 
@@ -371,6 +417,44 @@ class CDGCModule(nn.Module):
         contrib = [F.relu(y_class[m] @ w_graph[m].t()) @ w_agg[m].t() for m in used]
         u = torch.cat(contrib)  # (T, C)
         out = u.new_zeros(b * h * w, c).index_add_(0, plan.rows, u)  # (B*N, C)
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last memory
+
+    def _streamed(self, x: Tensor, plan: _Plan, checkpointed: bool) -> Tensor:
+        """queries="all": per class, every node attends to V_m; W_agg_m Z_m summed per image."""
+        b, c, h, w = x.shape
+        n, g = h * w, self.num_groups
+        xf = x.permute(0, 2, 3, 1).reshape(b * n, c)  # (B*N, C)
+        q = self.phi(xf).view(b, n, c)  # (B, N, C): every node is a query
+        # unbind (not indexing) so that backward stacks the per-image query gradients once.
+        q_img = q.unbind(0)  # B x (N, C)
+        k = self.phi_prime(xf)[plan.rows]  # (T, C), class-major (class, image) segments
+        v = xf[plan.rows]  # (T, C)
+        w_graph = self.graph_weight.view(g, c, c).unbind(0)  # G x (C_out, C_in)
+        w_agg = self.aggregate_weight.view(c, g, c).unbind(1)  # G x (C_out, C_in)
+        k_seg, v_seg = k.split(plan.seg_sizes), v.split(plan.seg_sizes)
+        # One (N, C) accumulator per image (no index tensor to copy to the device); an image
+        # whose every V_m is empty stays None and gets zeros.
+        acc: list[Tensor | None] = [None] * b
+        for m in range(g):
+            images = [i for i in range(b) if plan.seg_sizes[m * b + i]]
+            if not images:  # V_m empty in every image: class m adds nothing
+                continue
+            queries = [q_img[i] for i in images]  # each (N, C)
+            keys = [k_seg[m * b + i] for i in images]  # each (L_i, C)
+            values = [v_seg[m * b + i] for i in images]
+            args = (w_graph[m], w_agg[m], *queries, *keys, *values)
+            if checkpointed:
+                u = _checkpoint(_class_context, *args, use_reentrant=False)
+            else:
+                u = _class_context(*args)  # (B_m, N, C)
+            for i, u_i in zip(images, u.unbind(0), strict=True):
+                acc[i] = u_i if acc[i] is None else acc[i] + u_i
+        if all(a is None for a in acc):
+            # No node at all (T = 0): keep every weight in the graph so it gets a (zero) gradient,
+            # as in the dense path.
+            zero = 0.0 * (q.sum() + k.sum() + self.graph_weight.sum() + self.aggregate_weight.sum())
+            acc = [zero.expand(n, c)] * b
+        out = torch.stack([xf.new_zeros(n, c) if a is None else a for a in acc])  # (B, N, C)
         return out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last memory
 
     # ------------------------------------------------------------------ validation
@@ -436,6 +520,27 @@ def resize_target(target: Tensor, size: tuple[int, int]) -> Tensor:
         return target
     resized = F.interpolate(target[:, None].double(), size=size, mode="nearest")
     return resized[:, 0].long()
+
+
+def _class_context(w_graph: Tensor, w_agg: Tensor, *qkv: Tensor) -> Tensor:
+    """W_agg_m ReLU(W_m softmax(Q K_m^T) V_m) over some images of one class -> (B_m, N, C).
+
+    qkv: the queries of each image (N, C), then the keys of its V_m, then their values
+    (L_i, C) with L_i > 0, for B_m images.
+    """
+    b_m = len(qkv) // 3
+    queries, keys, values = qkv[:b_m], qkv[b_m : 2 * b_m], qkv[2 * b_m :]
+    y = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                qs[None, None], ks[None, None], vs[None, None], scale=1.0
+            )
+            for qs, ks, vs in zip(queries, keys, values, strict=True)
+        ],
+        dim=2,
+    )[0, 0]  # (B_m*N, C)
+    u = F.relu(y @ w_graph.t()) @ w_agg.t()  # (B_m*N, C)
+    return u.view(b_m, -1, u.shape[1])
 
 
 def _device_offsets(lengths: list[int], device: torch.device) -> Tensor:

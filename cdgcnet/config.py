@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cdgcnet.cdgc import GRAPHS, IMPLS, PARTS, check_ratio
+from cdgcnet.cdgc import GRAPHS, IMPLS, PARTS, QUERIES, check_ratio
 from cdgcnet.cdgc import PRECISIONS as CDGC_PRECISIONS
 from cdgcnet.heads import FUSIONS
 from cdgcnet.labels import CITYSCAPES, LABEL_SPECS, LabelSpec
@@ -58,6 +58,11 @@ class ModelConfig:
     """Bernoulli sampling ratio of the easy positives for graph="ds", in [0, 1]."""
     parts: tuple[str, ...] = PARTS
     """Node-set parts used by graph="ds" (paper Table 5): subset of easy, hard_pos, hard_neg."""
+    queries: str = "all"
+    """Which nodes are the rows (queries) of each class graph A_m (the keys are V_m in both):
+    "all" (every node, so every pixel gets M class contexts; default) | "members" (V_m only; Z_m
+    is zero outside V_m, and with graph="ds" the refined head can read the ground truth from
+    membership). See cdgcnet/cdgc.py and REPRODUCING.md for the two readings of section 3.3."""
     fusion: str = "concat"
     """How the CDGC output R joins the feature X: "concat" ([X, R], 2C) | "sum" (X + R)."""
     impl: str = "segmented"
@@ -108,6 +113,12 @@ class ModelConfig:
         _check_choice(self, "fusion", FUSIONS)
         _check_choice(self, "impl", IMPLS)
         _check_choice(self, "cdgc_precision", CDGC_PRECISIONS)
+        _check_choice(self, "queries", QUERIES)
+        if self.impl == "jagged" and self.queries == "all" and self.context == "cdgc":
+            raise ValueError(
+                "ModelConfig.impl='jagged' cannot run queries='all' (its queries are every node, "
+                "not segments); use impl='segmented'"
+            )
         if self.impl == "jagged" and self.checkpoint:
             raise ValueError(
                 "ModelConfig.impl='jagged' cannot be checkpointed (torch's checkpoint cannot save "

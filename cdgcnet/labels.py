@@ -250,11 +250,12 @@ VOC: LabelSpec = _voc_spec()
 COCOSTUFF: LabelSpec = _cocostuff_spec()
 ADE20K: LabelSpec = _ade20k_spec()
 
-# The label set of each dataset, by dataset name (`scenes` is a synthetic set that uses the
-# Cityscapes labels; both COCO-Stuff releases share one table).
+# The label set of each dataset, by dataset name (`scenes` and `context` are synthetic sets that
+# use the Cityscapes labels; both COCO-Stuff releases share one table).
 LABEL_SPECS: dict[str, LabelSpec] = {
     "cityscapes": CITYSCAPES,
     "scenes": CITYSCAPES,
+    "context": CITYSCAPES,
     "voc": VOC,
     "cocostuff10k": COCOSTUFF,
     "cocostuff164k": COCOSTUFF,

@@ -49,6 +49,7 @@ class CDGCNet(nn.Module):
                 checkpoint=cfg.checkpoint,
                 precision=cfg.cdgc_precision,
                 class_wise=cfg.context == "cdgc",
+                queries=cfg.queries,
             )
             self.fusion = FusionHead(cfg.channels, cfg.num_classes, cfg.fusion, cfg.dropout)
         self.aux_head = (

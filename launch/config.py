@@ -429,7 +429,17 @@ def _scenes() -> TrainConfig:
     )
 
 
-# One preset per dataset with a published recipe, and the CPU demo.
+def _context() -> TrainConfig:
+    """The `scenes` preset on the generated `context` set (same-class context needed)."""
+    spec = DATASETS["context"]
+    cfg = _scenes()
+    cfg.name = cfg.dataset = spec.name
+    cfg.data.root = spec.shards
+    cfg.runtime.run_dir = f"runs/{spec.name}"
+    return cfg
+
+
+# One preset per dataset with a published recipe, and the CPU demo sets.
 PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     **{
         name: functools.partial(_paper, spec)
@@ -437,6 +447,7 @@ PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
         if spec.recipe is not None
     },
     "scenes": _scenes,
+    "context": _context,
 }
 
 

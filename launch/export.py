@@ -128,8 +128,9 @@ def model_config_from_dict(cfg_dict: dict, *, source: str | os.PathLike) -> Mode
     model = cfg_dict.get("model") if isinstance(cfg_dict, dict) else None
     if not isinstance(model, dict):
         raise CheckpointError(f"{source}: config has no 'model' section")
+    # Models saved before the `queries` option existed were built with the "members" reading.
     try:
-        return model_config({**model, "pretrained": None})
+        return model_config({"queries": "members", **model, "pretrained": None})
     except ConfigError as e:
         raise CheckpointError(f"{source}: invalid model config: {e}") from e
 

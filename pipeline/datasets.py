@@ -115,6 +115,10 @@ DATASETS: dict[str, DatasetSpec] = {
             "synthetic street scenes in the Cityscapes layout (the CPU demo)",
         ),
         DatasetSpec(
+            "context", CITYSCAPES_SOURCE, "train", "val", None,
+            "synthetic scenes whose regions need same-class context from the whole image",
+        ),
+        DatasetSpec(
             "ade20k", ADE20K_SOURCE, "training", "validation",
             # the common 512x512, 160k-iteration ADE20K setting (mmsegmentation's schedule)
             Recipe(512, 4, 16, 0.01, 5e-4, 160_000, "whole", 341, 16_000),

@@ -2,7 +2,9 @@
 
 No dataset can be downloaded in tests or on a laptop, so these write look-alikes that exercise the
 real packers: Cityscapes (gtFine), PASCAL VOC 2012 + SBD, COCO-Stuff 10k (.mat) and 164k (PNG),
-ADE20K (SceneParse150), and `scenes`, a learnable street-scene task in Cityscapes layout that the demo trains on.
+ADE20K (SceneParse150), `scenes`, a learnable street-scene task in Cityscapes layout that the demo
+trains on, and `context`, the same scenes recoloured so that some regions can only be labelled from
+other regions of the same class in the same image.
 
     python -m pipeline.synth cityscapes --out data/cityscapes --train 8 --val 4
     python -m pipeline.synth scenes --out data/scenes              # 200 train / 40 val
@@ -45,7 +47,7 @@ from cdgcnet.labels import (
 
 GENERATOR_VERSION = "1"
 INFO_FILE = "SYNTH_INFO.json"
-DATASETS = ("cityscapes", "voc", "cocostuff10k", "cocostuff164k", "scenes", "ade20k")
+DATASETS = ("cityscapes", "voc", "cocostuff10k", "cocostuff164k", "scenes", "ade20k", "context")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ DEFAULTS: dict[str, Defaults] = {
     "cocostuff164k": Defaults(train=6, val=4, size=(160, 120)),
     "scenes": Defaults(train=200, val=40, size=(256, 128)),
     "ade20k": Defaults(train=6, val=4, size=(160, 120)),
+    "context": Defaults(train=200, val=40, size=(256, 128)),
 }
 
 
@@ -498,6 +501,95 @@ def _scenes_sample(root: Path, split: str, index: int, seed: int, size: tuple[in
 
 
 # ---------------------------------------------------------------------------------------------
+# context: the scenes layout, where some regions need same-class context from the whole image.
+#
+# Each image deals the 8 scene classes a random permutation of CONTEXT_PALETTE: every region of a
+# class is painted in that image's colour for the class, so colour names no class across images
+# but links the regions of one class within an image. Ordinary regions keep their class's shape,
+# position and texture pattern (as brightness), so they stay recognisable. On top lie 3-6 flat,
+# untextured rectangles ("patches"), each of a class that has a region in the image and painted
+# in its colour: locally a patch could be any class; it is labelled only by matching its colour
+# to the recognisable regions of the same class elsewhere in the image.
+
+CONTEXT_CLASSES = (
+    "sky",
+    "building",
+    "vegetation",
+    "road",
+    "sidewalk",
+    "pole",
+    "person",
+    "car",
+)
+CONTEXT_PALETTE = np.array(
+    [
+        [205, 60, 60],
+        [60, 165, 75],
+        [65, 95, 205],
+        [215, 195, 60],
+        [170, 70, 195],
+        [60, 185, 195],
+        [235, 140, 55],
+        [145, 145, 145],
+    ],
+    np.float32,
+)  # RGB, one per class of CONTEXT_CLASSES after the per-image permutation
+
+
+def context_colors(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The per-image colour of each class: a random permutation of CONTEXT_PALETTE."""
+    order = rng.permutation(len(CONTEXT_PALETTE))
+    return {name: CONTEXT_PALETTE[i] for name, i in zip(CONTEXT_CLASSES, order, strict=True)}
+
+
+def _context_patches(
+    rng: np.random.Generator, w: int, h: int, present: Sequence[str]
+) -> list[CsObject]:
+    """3-6 axis-aligned rectangles of classes in `present`, anywhere in the image."""
+    sx, sy = w / 256, h / 128
+    patches = []
+    for _ in range(int(rng.integers(3, 7))):
+        pw, ph = int(rng.uniform(14, 28) * sx), int(rng.uniform(12, 22) * sy)
+        x0, y0 = int(rng.uniform(0, w - pw)), int(rng.uniform(0, h - ph))
+        name = present[int(rng.integers(len(present)))]
+        patches.append(
+            CsObject(name, np.array([[x0, y0], [x0 + pw, y0], [x0 + pw, y0 + ph], [x0, y0 + ph]]))
+        )
+    return patches
+
+
+def _context_sample(root: Path, split: str, index: int, seed: int, size: tuple[int, int]) -> None:
+    w, h = size
+    rng = _rng(seed, split, index)
+    colors = context_colors(rng)
+    objects = scenes_objects(rng, w, h)
+    present = sorted({o.label for o in objects if o.label in colors})
+    patches = _context_patches(rng, w, h, present)
+    image = np.zeros((h, w, 3), np.float32)
+    for obj in [*objects, *patches]:
+        x0, y0 = np.clip(obj.polygon.min(axis=0), 0, None)
+        x1, y1 = np.minimum(obj.polygon.max(axis=0), (w - 1, h - 1))
+        box = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+        mask = _poly_mask(h, w, obj.polygon)[box]
+        if obj.label not in colors:  # the ego-vehicle strip (ignored) keeps its own look
+            paint = _texture(obj.label, rng, h, w, (int(x0), int(y0), int(x1), int(y1)))
+        elif any(obj is p for p in patches):
+            paint = np.broadcast_to(colors[obj.label], (*mask.shape, 3))
+        else:  # the class's texture pattern as brightness, in the image's colour for the class
+            texture = _texture(obj.label, rng, h, w, (int(x0), int(y0), int(x1), int(y1)))
+            lum = texture.mean(-1, keepdims=True)
+            # Relative to the median, so most of a region shows the colour itself; the cap keeps
+            # bright details from clipping into another palette colour.
+            shade = lum / max(1.0, float(np.median(lum)))
+            paint = colors[obj.label] * np.clip(shade, 0.45, 1.25)
+        image[box][mask] = paint[mask]
+    image = image * rng.uniform(0.85, 1.15) + rng.uniform(-10, 10)  # exposure
+    image += rng.normal(0, 7, size=image.shape).astype(np.float32)
+    objects = [*objects, *patches]
+    write_cityscapes_sample(root, split, index, np.clip(image, 0, 255).astype(np.uint8), objects)
+
+
+# ---------------------------------------------------------------------------------------------
 # Generic "objects on a textured background" label maps for VOC and COCO-Stuff.
 
 
@@ -749,8 +841,10 @@ def _plan(
     dataset: str, root: Path, n_train: int, n_val: int, seed: int, size: tuple[int, int]
 ) -> tuple[list[tuple[Callable, tuple]], dict[str, int]]:
     """(tasks, expected sample counts per split) for one dataset."""
-    if dataset in ("cityscapes", "scenes"):
-        fn = _cityscapes_sample if dataset == "cityscapes" else _scenes_sample
+    if dataset in ("cityscapes", "scenes", "context"):
+        fn = {"cityscapes": _cityscapes_sample, "scenes": _scenes_sample}.get(
+            dataset, _context_sample
+        )
         tasks = [
             (fn, (root, s, i, seed, size))
             for s, n in (("train", n_train), ("val", n_val))
@@ -910,7 +1004,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "learnable street-scene task in Cityscapes layout (road, sidewalk, building, pole, "
             "vegetation, sky, person, car). ade20k: ADEChallengeData2016/images/{training,validation}/"
             "*.jpg + annotations/{training,validation}/*.png (0 = other, 1..150), objectInfo150.csv, "
-            "sceneCategories.txt. Output is byte-identical for the same arguments."
+            "sceneCategories.txt. context: the scenes layout with a per-image colour per "
+            "class and flat patches that only same-class regions elsewhere in the image identify. "
+            "Output is byte-identical for the same arguments."
         ),
         epilog=f"Defaults: {defaults}.",
     )

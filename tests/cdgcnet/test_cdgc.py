@@ -29,7 +29,7 @@ def _blob_labels(b: int, h: int, w: int, m: int = M, seed: int = 0) -> torch.Ten
 
 def _module(**kw) -> CDGCModule:
     torch.manual_seed(0)
-    mod = CDGCModule(C, M, **kw).double()
+    mod = CDGCModule(C, M, **{"queries": "members", **kw}).double()
     # Non-trivial BN state so eval mode is a real affine map.
     mod.bn.running_mean.uniform_(-0.5, 0.5)
     mod.bn.running_var.uniform_(0.5, 2.0)
@@ -162,7 +162,7 @@ def test_dense_and_segmented_agree_for_each_parts_subset(parts, ratio):
 def test_dense_and_segmented_agree_in_float32():
     b, h, w, c, m = 2, 12, 12, 32, 5
     torch.manual_seed(0)
-    mod = CDGCModule(c, m, graph="ds", ratio=0.5).train()
+    mod = CDGCModule(c, m, graph="ds", ratio=0.5, queries="members").train()
     x = torch.randn(b, c, h, w)
     coarse = 3.0 * F.one_hot(_blob_labels(b, h, w, m), m).permute(0, 3, 1, 2).float()
     target = _blob_labels(b, h, w, m, seed=5)
@@ -339,7 +339,7 @@ def test_bad_impl_assignment_is_refused():
 
 
 def test_bad_inputs_are_named():
-    mod = CDGCModule(C, M).train()
+    mod = CDGCModule(C, M, queries="members").train()
     x = torch.randn(2, C, 5, 6)
     coarse = torch.randn(2, M, 5, 6)
     target = torch.zeros(2, 5, 6, dtype=torch.long)
@@ -368,7 +368,9 @@ def test_bad_inputs_are_named():
 def test_runs_under_bf16_autocast_close_to_fp32(impl):
     b, h, w, c, m = 2, 8, 8, 16, 4
     torch.manual_seed(0)
-    mod = CDGCModule(c, m, graph="ds", ratio=1.0, impl=impl, precision="autocast").train()
+    mod = CDGCModule(
+        c, m, graph="ds", ratio=1.0, impl=impl, queries="members", precision="autocast"
+    ).train()
     x = torch.randn(b, c, h, w, requires_grad=True)
     coarse = 3.0 * F.one_hot(_blob_labels(b, h, w, m), m).permute(0, 3, 1, 2).float()
     target = _blob_labels(b, h, w, m, seed=5)

@@ -74,6 +74,6 @@ def test_lists_from_yaml_become_tuples_and_replace_validates():
 
 
 def test_jagged_with_checkpoint_is_refused():
-    assert ModelConfig(impl="jagged").impl == "jagged"
+    assert ModelConfig(impl="jagged", queries="members").impl == "jagged"
     with pytest.raises(ValueError, match=r"ModelConfig.impl='jagged' cannot be checkpointed"):
-        ModelConfig(impl="jagged", checkpoint=True)
+        ModelConfig(impl="jagged", checkpoint=True, queries="members")

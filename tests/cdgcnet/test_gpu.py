@@ -52,7 +52,7 @@ def _fwd_bwd(mod: CDGCModule, x, coarse, target):
 @pytest.mark.parametrize("graph,ratio", [("ds", 0.5), ("ds", 1.0), ("sim", 1.0)])
 def test_dense_and_segmented_agree_on_cuda(graph: str, ratio: float) -> None:
     torch.manual_seed(0)
-    mod = CDGCModule(64, 19, graph=graph, ratio=ratio).to(CUDA).train()
+    mod = CDGCModule(64, 19, graph=graph, ratio=ratio, queries="members").to(CUDA).train()
     x, coarse, target = _inputs(2, 64, 19, 20, 24)
     mod.impl = "dense"
     out_d, gx_d, gp_d = _fwd_bwd(mod, x, coarse, target)
@@ -66,7 +66,7 @@ def test_dense_and_segmented_agree_on_cuda(graph: str, ratio: float) -> None:
 
 def test_segmented_bf16_autocast_close_to_fp32_at_paper_width() -> None:
     torch.manual_seed(0)
-    mod = CDGCModule(512, 19, graph="ds", ratio=1.0).to(CUDA).train()
+    mod = CDGCModule(512, 19, graph="ds", ratio=1.0, queries="members").to(CUDA).train()
     x, coarse, target = _inputs(2, 512, 19, 33, 33)
     out32, _, _ = _fwd_bwd(mod, x, coarse, target)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -114,7 +114,7 @@ def test_training_step_syncs_only_in_the_cdgc_plan(
     # CUDA's own sync check ("error") around a channels-last bf16 step; the CDGC plan's one
     # segment-size read is let through and counted. tests/cdgcnet/test_host_syncs.py is the
     # CPU version of this check.
-    cfg = model_preset("cpu_small").replace(impl=impl)
+    cfg = model_preset("cpu_small").replace(impl=impl, queries="members")
     torch.manual_seed(0)
     model = build_model(cfg).to(CUDA).train()
     criterion = CDGCLoss(ohem_min_kept=1000, check_labels=False)
@@ -184,7 +184,7 @@ def test_attention_runs_on_the_memory_efficient_kernel_at_width_512(impl: str) -
 def test_jagged_matches_segmented_on_cuda(c: int, bf16: bool) -> None:
     # One nested-tensor SDPA call (a varlen kernel) against the per-segment calls.
     torch.manual_seed(0)
-    mod = CDGCModule(c, 19, graph="ds", ratio=1.0).to(CUDA).train()
+    mod = CDGCModule(c, 19, graph="ds", ratio=1.0, queries="members").to(CUDA).train()
     x, coarse, target = _inputs(2, c, 19, 33, 33)
     results = {}
     for impl in ("segmented", "jagged"):

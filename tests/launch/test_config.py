@@ -52,7 +52,11 @@ def test_scenes_preset_is_the_cpu_demo() -> None:
         "cocostuff164k",
         "scenes",
         "ade20k",
+        "context",
     }
+    context = preset("context")  # the scenes run on the generated `context` set
+    assert context.data.root == "shards/context" and context.runtime.run_dir == "runs/context"
+    assert context.model == cfg.model and context.optim == cfg.optim
 
 
 def test_overrides_convert_types() -> None:

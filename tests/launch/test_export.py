@@ -188,3 +188,11 @@ def test_deepspeed_checkpoint_is_consolidated(tmp_path):
         E.load_checkpoint(tag_dir)
     with pytest.raises(E.CheckpointError, match="not a DeepSpeed checkpoint"):
         E.load_checkpoint(run_dir)
+
+
+def test_export_without_queries_loads_with_the_members_reading(tmp_path):
+    # Models saved before the `queries` option existed were trained with the "members" reading.
+    cfg_dict = to_dict(_cfg())
+    del cfg_dict["model"]["queries"]
+    assert E.model_config_from_dict(cfg_dict, source="old.pt").queries == "members"
+    assert E.model_config_from_dict(to_dict(_cfg()), source="new.pt").queries == "all"

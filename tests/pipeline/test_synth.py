@@ -112,6 +112,48 @@ def test_scenes_classes_and_sizes(tmp_path: Path):
     assert image.shape == (128, 256, 3) and image.std() > 20
 
 
+def _palette_vote(rgb: np.ndarray) -> int:
+    """The CONTEXT_PALETTE colour most of these (K, 3) pixels are closest to in direction
+    (exposure and shading scale a colour; a pixel-wise vote ignores the few clipped ones)."""
+    palette = synth.CONTEXT_PALETTE / np.linalg.norm(synth.CONTEXT_PALETTE, axis=1, keepdims=True)
+    rgb = rgb / np.maximum(np.linalg.norm(rgb, axis=1, keepdims=True), 1e-6)
+    return int(np.bincount((rgb @ palette.T).argmax(1), minlength=len(palette)).argmax())
+
+
+def test_context_colours_link_the_regions_of_a_class_within_an_image(tmp_path: Path):
+    root = synth.generate("context", tmp_path / "context", train=4, val=0, seed=3)
+    ids = {lab.name: lab.id for lab in CITYSCAPES_LABELS}
+    palette_index = {tuple(c): i for i, c in enumerate(synth.CONTEXT_PALETTE.tolist())}
+    mappings = []
+    for index in range(4):
+        city, stem = synth.cityscapes_stem("train", index)
+        label = _read(root / "gtFine/train" / city / f"{stem}_gtFine_labelIds.png")
+        image = _read(root / "leftImg8bit/train" / city / f"{stem}_leftImg8bit.png")
+        image = image[..., ::-1].astype(np.float32)  # BGR -> RGB
+        objects = json.loads((root / "gtFine/train" / city / f"{stem}_gtFine_polygons.json")
+                             .read_text())["objects"]  # fmt: skip
+        # The image's own colours, as the generator deals them (its first draw).
+        colours = synth.context_colors(synth._rng(3, "train", index))
+        mapping = {name: palette_index[tuple(c.tolist())] for name, c in colours.items()}
+        for name in synth.CONTEXT_CLASSES:  # every region of a class shares the class's colour
+            pixels = label == ids[name]
+            if pixels.sum() >= 30:
+                assert _palette_vote(image[pixels]) == mapping[name], name
+        # The trailing rectangles are the 3-6 patches, each of a class with a region before them.
+        n_patches = 0
+        while (
+            len(objects[-1 - n_patches]["polygon"]) == 4
+            and objects[-1 - n_patches]["label"] in synth.CONTEXT_CLASSES
+        ):
+            n_patches += 1
+        patches, regions = objects[-n_patches:], objects[:-n_patches]
+        assert 3 <= n_patches <= 6
+        assert {p["label"] for p in patches} <= {r["label"] for r in regions}
+        mappings.append(mapping)
+    # Across images a colour names no class: the classes get other colours in other images.
+    assert len({tuple(sorted(m.items())) for m in mappings}) == 4
+
+
 def test_voc_and_sbd_layout(tmp_path: Path):
     root = synth.generate("voc", tmp_path / "voc", train=6, val=4)
     seg_sets = root / "VOC2012" / "ImageSets" / "Segmentation"

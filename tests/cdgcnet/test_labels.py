@@ -70,7 +70,7 @@ def test_cocostuff_182_to_171():
 def test_label_specs_registry_and_validation():
     # keyed by dataset name; the synthetic scenes and both COCO-Stuff releases share a table
     assert LABEL_SPECS == {
-        "cityscapes": CITYSCAPES, "scenes": CITYSCAPES, "voc": VOC, "cocostuff10k": COCOSTUFF,
+        "cityscapes": CITYSCAPES, "scenes": CITYSCAPES, "context": CITYSCAPES, "voc": VOC, "cocostuff10k": COCOSTUFF,
         "cocostuff164k": COCOSTUFF, "ade20k": ADE20K,
     }  # fmt: skip
     assert get_label_spec("voc") is VOC

@@ -815,6 +815,16 @@ def sdpa_backends(op_names: Sequence[str]) -> list[str]:
     return sorted(found)
 
 
+# (impl, queries, precision): the two segment kernels of the "members" reading, the default model
+# ("all" queries, graph in float32 under autocast), and its graph in bf16.
+SDPA_CASES = (
+    ("segmented", "members", "fp32"),
+    ("jagged", "members", "fp32"),
+    ("segmented", "all", "fp32"),
+    ("segmented", "all", "autocast"),
+)
+
+
 def stage_sdpa(ctx: Ctx) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -832,9 +842,12 @@ def stage_sdpa(ctx: Ctx) -> None:
         x, coarse, target = cdgc_module._inputs(
             shape["B"], width, shape["H"], shape["W"], shape["M"], device
         )
-        for impl in ("segmented", "jagged"):
+        for impl, queries, precision in SDPA_CASES:
             torch.manual_seed(0)
-            mod = CDGCModule(width, shape["M"], graph="ds", ratio=1.0, impl=impl).to(device)
+            mod = CDGCModule(
+                width, shape["M"], graph="ds", ratio=1.0, impl=impl, queries=queries,
+                precision=precision,
+            ).to(device)  # fmt: skip
 
             def step(mod: CDGCModule = mod, inputs: tuple = (x, coarse, target)) -> None:
                 mod.zero_grad(set_to_none=True)
@@ -842,7 +855,10 @@ def stage_sdpa(ctx: Ctx) -> None:
                     out = mod(*inputs)
                 out.float().square().mean().backward()
 
-            row: dict[str, Any] = dict(impl=impl, C=width, **{k: shape[k] for k in "BHWM"})
+            row: dict[str, Any] = dict(
+                impl=impl, queries=queries, precision=precision, C=width,
+                **{k: shape[k] for k in "BHWM"},
+            )  # fmt: skip
             try:
                 for _ in range(2):
                     step()

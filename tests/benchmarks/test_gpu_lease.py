@@ -72,8 +72,8 @@ def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
 
     recs = st["sdpa"]["records"]
     widths = gpu_lease.DRY.sdpa_widths
-    assert [(r["impl"], r["C"]) for r in recs] == [
-        (impl, c) for c in widths for impl in ("segmented", "jagged")
+    assert [(r["impl"], r["queries"], r["precision"], r["C"]) for r in recs] == [
+        (*case, c) for c in widths for case in gpu_lease.SDPA_CASES
     ]
     for r in recs:
         assert r["status"] == "ok" and r["fwd_bwd_ms"] > 0 and r["sdpa_ops"], r

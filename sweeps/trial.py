@@ -209,8 +209,10 @@ def tune_result(iteration: int, metrics: dict[str, Any], attempt: int = 1) -> di
     return result
 
 
-def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
-    """Tune function trainable: one process trains one configuration."""
+def _start_attempt(
+    config: dict[str, Any], sweep: dict[str, Any]
+) -> tuple[dict[str, Any], str, Path, int]:
+    """(the trial's full config, its id, its run dir (made and checked), this attempt's number)."""
     from ray import tune
 
     config = {**sweep, **config}
@@ -218,7 +220,14 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     run_dir = run_dir_of(config, trial_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_dir(run_dir)
-    attempt = count_attempt(run_dir)
+    return config, trial_id, run_dir, count_attempt(run_dir)
+
+
+def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """Tune function trainable: one process trains one configuration."""
+    from ray import tune
+
+    config, trial_id, run_dir, attempt = _start_attempt(config, sweep)
     cfg = build_trial_config(config, trial_id, run_dir)
 
     def on_eval(iteration: int, metrics: dict[str, Any]) -> None:
@@ -258,12 +267,7 @@ def train_trial_distributed(config: dict[str, Any], sweep: dict[str, Any]) -> No
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
-    config = {**sweep, **config}
-    trial_id = tune.get_context().get_trial_id()
-    run_dir = run_dir_of(config, trial_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    check_run_dir(run_dir)
-    attempt = count_attempt(run_dir)
+    config, trial_id, run_dir, attempt = _start_attempt(config, sweep)
     # No CPU: it must fit in the trial's placement group, whose CPUs the workers hold.
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(

@@ -159,10 +159,11 @@ def test_dense_and_segmented_agree_for_each_parts_subset(parts, ratio):
     _assert_impls_agree(mod, x, coarse, target)
 
 
-def test_dense_and_segmented_agree_in_float32():
+@pytest.mark.parametrize("queries", ["members", "all"])
+def test_dense_and_fast_path_agree_in_float32(queries):
     b, h, w, c, m = 2, 12, 12, 32, 5
     torch.manual_seed(0)
-    mod = CDGCModule(c, m, graph="ds", ratio=0.5, queries="members").train()
+    mod = CDGCModule(c, m, graph="ds", ratio=0.5, queries=queries).train()
     x = torch.randn(b, c, h, w)
     coarse = 3.0 * F.one_hot(_blob_labels(b, h, w, m), m).permute(0, 3, 1, 2).float()
     target = _blob_labels(b, h, w, m, seed=5)

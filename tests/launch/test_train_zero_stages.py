@@ -12,7 +12,22 @@ from tests.launch.train_utils import args, losses, run, scenes_shards, torchrun_
 
 
 @pytest.mark.slow
-def test_zero_stage_1_and_3(tmp_path, tmp_path_factory) -> None:
+@pytest.mark.parametrize(
+    "queries",
+    [
+        "members",
+        pytest.param(
+            "all",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known defect: with queries='all' ZeRO-3's refined loss leaves ZeRO-1/2's "
+                "at the third step (2.7750 vs 2.7719; coarse and aux agree to 1e-6; ZeRO-2 "
+                "equals ZeRO-1 exactly); not yet explained",
+            ),
+        ),
+    ],
+)
+def test_zero_stage_1_and_3(tmp_path, tmp_path_factory, queries) -> None:
     shards = scenes_shards(tmp_path_factory.getbasetemp())
     got = {}
     for stage in (1, 3):
@@ -26,6 +41,7 @@ def test_zero_stage_1_and_3(tmp_path, tmp_path_factory) -> None:
                     "checkpoint.every=3",
                     "eval.every=0",
                     f"runtime.zero_stage={stage}",
+                    f"model.queries={queries}",
                 )
             ),
             tmp_path,

@@ -214,7 +214,7 @@ class Interruption:
 
 def interrupted_message(cfg: TrainConfig) -> str:
     """One line: the last finished iteration, the checkpoint a rerun resumes from."""
-    from launch.checkpoint import CheckpointManager
+    from launch.checkpoint import newest_intact
 
     run_dir = Path(cfg.runtime.run_dir)
     iteration = 0
@@ -224,7 +224,8 @@ def interrupted_message(cfg: TrainConfig) -> str:
         with contextlib.suppress(ValueError, KeyError):
             iteration = int(json.loads(lines[-1])["iteration"]) if lines else 0
     try:
-        newest = CheckpointManager(run_dir, cfg.checkpoint.keep).resolve("auto")
+        # Read on this rank alone: after an interruption the process group may be gone.
+        newest = newest_intact(run_dir / "checkpoints")
     except Exception:  # a damaged checkpoint must not hide the message
         newest = None
     where = (

@@ -624,6 +624,11 @@ examples:
         help="an existing Ray cluster (paths must be shared; it needs the cluster's token: "
         "RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...)",
     )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help=f"pack on Ray even a job under {SMALL_JOB} samples (with --workers above 1)",
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip bad files, recording them")
     p.add_argument("--name", help="dataset name in the manifest and shard names (default: dataset)")
     add_limit_args(p)
@@ -665,7 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {args.dataset} {split}: {e}", file=sys.stderr)
             return 1
     todo = sum(p.todo_samples for p in plans)
-    use_ray = wants_ray(todo, args.workers, args.ray_address)
+    use_ray = todo > 0 and args.workers > 1 and args.ray
+    use_ray = use_ray or wants_ray(todo, args.workers, args.ray_address)
     try:
         with ray_session(args.workers, args.ray_address) if use_ray else contextlib.nullcontext():
             return _pack_splits(args, plans, use_ray)

@@ -79,7 +79,7 @@ def test_resume_two_ranks_onto_one(runs) -> None:
 
     uni = src / "checkpoints" / "universal" / ckpt.name / "zero"
     fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    name = "head.reduce.0.weight"
+    name = "aspp.bottleneck.0.weight"  # the 3x3 conv that makes the feature X
     w = torch.load(uni / name / "fp32.pt", weights_only=False)["param"]
     assert torch.equal(w, fp32[name])
     mom = torch.load(uni / name / "momentum_buffer.pt", weights_only=False)["param"]

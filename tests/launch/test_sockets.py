@@ -118,7 +118,7 @@ def test_ray_pack_listens_on_loopback_only(tmp_path: Path) -> None:
 
     data = tmp_path / "data"
     generate("scenes", data, train=8, val=2, size=(96, 64))
-    cmd = [*pack_command(data, tmp_path / "shards"), "--no-progress", "--workers", "2",
+    cmd = [*pack_command(data, tmp_path / "shards"), "--no-progress", "--workers", "2", "--ray",
            "--max-count", "2"]  # fmt: skip
     codes, outs, seen = watch([cmd], 300)
     assert codes == [0], outs[0][-3000:]

@@ -125,7 +125,7 @@ def test_sigkill_of_a_ray_pack_leaves_no_ray_process(tmp_path: Path) -> None:
 
     data = tmp_path / "data"
     generate("scenes", data, train=40, val=2, size=(96, 64))
-    cmd = [*pack_command(data, tmp_path / "shards"), "--no-progress", "--workers", "2",
+    cmd = [*pack_command(data, tmp_path / "shards"), "--no-progress", "--workers", "2", "--ray",
            "--max-count", "1"]  # fmt: skip
     driver = subprocess.Popen(
         cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -297,12 +297,17 @@ def test_jagged_refuses_checkpointing_with_a_clear_error():
 
 
 @pytest.mark.parametrize("impl", ["dense", "segmented"])
-@pytest.mark.parametrize("class_wise", [True, False])
-def test_checkpoint_gives_identical_gradients(impl, class_wise):
+@pytest.mark.parametrize(
+    ("class_wise", "queries"), [(True, "members"), (True, "all"), (False, "members")]
+)
+def test_checkpoint_gives_identical_gradients(impl, class_wise, queries):
     _, _, x, coarse, target = _case("ds_ratio_0.5")
     results = []
     for ckpt in (False, True):
-        mod = _module(graph="ds", ratio=0.5, impl=impl, checkpoint=ckpt, class_wise=class_wise)
+        mod = _module(
+            graph="ds", ratio=0.5, impl=impl, checkpoint=ckpt, class_wise=class_wise,
+            queries=queries,
+        )  # fmt: skip
         mod.train()
         out, gx, grads = _run(mod, impl, x, coarse, target, seed=11)
         results.append((out, gx, grads, mod.bn.running_mean.clone()))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cdgcnet.cdgc import GRAPHS, IMPLS, PARTS, QUERIES, check_ratio
+from cdgcnet.cdgc import GRAPHS, IMPLS, LEGACY_IMPLS, PARTS, QUERIES, check_ratio
 from cdgcnet.cdgc import PRECISIONS as CDGC_PRECISIONS
 from cdgcnet.heads import FUSIONS
 from cdgcnet.labels import CITYSCAPES, LABEL_SPECS, LabelSpec
@@ -59,22 +59,24 @@ class ModelConfig:
     parts: tuple[str, ...] = PARTS
     """Node-set parts used by graph="ds" (paper Table 5): subset of easy, hard_pos, hard_neg."""
     queries: str = "all"
-    """Which nodes are the rows (queries) of each class graph A_m (the keys are V_m in both):
-    "all" (every node, so every pixel gets M class contexts; default) | "members" (V_m only; Z_m
-    is zero outside V_m, and with graph="ds" the refined head can read the ground truth from
-    membership). See cdgcnet/cdgc.py and REPRODUCING.md for the two readings of section 3.3."""
+    """The reading of section 3.3: which nodes are the queries and keys of each class graph A_m.
+    "all" (every node a query, keys V_m; every pixel gets M class contexts; default) |
+    "members" (queries and keys V_m; Z_m is zero outside V_m, and with graph="ds" the refined
+    head can read the ground truth from membership) | "masked" (X masked per class, softmax over
+    all N nodes). See cdgcnet/cdgc/ and REPRODUCING.md."""
     fusion: str = "concat"
     """How the CDGC output R joins the feature X: "concat" ([X, R], 2C) | "sum" (X + R)."""
-    impl: str = "segmented"
-    """CDGC implementation: "segmented" (fast) | "dense" (literal M x N x N reference) |
-    "jagged" (segmented, all segments in one nested-tensor attention call; for CUDA, opt-in,
-    not with checkpoint)."""
+    impl: str = "fast"
+    """CDGC implementation: "fast" (a few large products per chunk of queries) | "dense" (the
+    literal M x N x N reference). "segmented" and "jagged", earlier fast paths, read as "fast"."""
     checkpoint: bool = False
     """Gradient checkpointing of the whole CDGC module."""
-    cdgc_precision: str = "fp32"
-    """Arithmetic of the CDGC graph under bf16/fp16 autocast: "fp32" (the module runs in float32;
-    its gradients stay within 2% of float64) | "autocast" (follows the autocast dtype: faster, but
-    the ill-conditioned softmax of eq. 2-3 puts 8-18% error in its gradients)."""
+    cdgc_precision: str = "split"
+    """Arithmetic of the CDGC graph's products under bf16/fp16 autocast (cdgcnet/cdgc/precision.py;
+    gradient error against float64 at C=512, sharpened graph, in benchmarks/README.md):
+    "split" (bf16 tensor cores, forward products as 3-term bf16 splits with float32 sums, bf16
+    backward; about 1.8%) | "fp32" (everything float32; 0.2%, slowest) | "autocast" (everything
+    bf16; 10-20%: the softmax of eq. 2-3 amplifies bf16 rounding)."""
     channels: int = 512
     """C: channels of the feature X after the reduction conv."""
     aux: bool = True
@@ -111,19 +113,11 @@ class ModelConfig:
                 f"ModelConfig.parts must be distinct names from {PARTS}, got {self.parts!r}"
             )
         _check_choice(self, "fusion", FUSIONS)
+        if self.impl in LEGACY_IMPLS:
+            self.impl = "fast"
         _check_choice(self, "impl", IMPLS)
         _check_choice(self, "cdgc_precision", CDGC_PRECISIONS)
         _check_choice(self, "queries", QUERIES)
-        if self.impl == "jagged" and self.queries == "all" and self.context == "cdgc":
-            raise ValueError(
-                "ModelConfig.impl='jagged' cannot run queries='all' (its queries are every node, "
-                "not segments); use impl='segmented'"
-            )
-        if self.impl == "jagged" and self.checkpoint:
-            raise ValueError(
-                "ModelConfig.impl='jagged' cannot be checkpointed (torch's checkpoint cannot save "
-                "nested tensors); use impl='segmented' with checkpoint=True"
-            )
         _check_int(self, "channels", minimum=1)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise ValueError(f"ModelConfig.dropout must be a number, got {self.dropout!r}")

@@ -146,8 +146,9 @@ def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, ends: list[int], how: str)
 
 def block_sums(v: Tensor, e: Tensor, offsets: Tensor, ends: list[int], how: str) -> Tensor:
     """Per key block g (rows of T): v_g^T e_g -> (G, m, n), v (T, m) and e (T, n) float32
-    (bf16 for "bf16"). "split": v_hi e_hi + v_lo e_hi + v_hi e_lo accumulated in float32, by
-    a Triton kernel on CUDA (triton_blocks.py).
+    (bf16 for "bf16"), where v's last 8 columns are [1, 0, ..., 0] (so row m-8 of the result
+    holds the block sums of e). "split": v_hi e_hi + v_lo e_hi + v_hi e_lo accumulated in
+    float32, by a Triton kernel on CUDA (triton_blocks.py).
 
     Its output must stay float32: the fast grouped kernel's bf16 output would round the class
     contexts by 2^-9, which the aggregation and BN carry into the module's output and the final
@@ -155,7 +156,8 @@ def block_sums(v: Tensor, e: Tensor, offsets: Tensor, ends: list[int], how: str)
     if how != "split":
         return grouped_mm(v.t(), e, offsets, ends, how)
     if e.is_cuda and triton_blocks.blocks is not None:
-        return triton_blocks.blocks(v, e, offsets)
+        # [v, 1, 0...]: the kernel sums e for the ones column itself, in float32
+        return triton_blocks.blocks(v[:, :-8], e, offsets, rows=v.shape[1])
     # Emulation (CPU, or CUDA without Triton): the same bf16 products summed in float32.
     hi, lo = (t.float() for t in split(v))
     e_hi, e_lo = (t.float() for t in split(e))

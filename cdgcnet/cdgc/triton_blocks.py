@@ -2,7 +2,8 @@
 at fp32-grade accuracy that torch's grouped kernels cannot give (their fast CUDA form writes
 bf16, their float32 form loops over classes on CUDA cores after a sync).
 
-    out[g] = v[s_g:e_g]^T e[s_g:e_g]        v (T, m), e (T, n) float32 -> out (G, m, n) float32
+    out[g, :m] = v[s_g:e_g]^T e[s_g:e_g]    v (T, m), e (T, n) float32 -> out (G, m+1, n) float32
+    out[g, m]  = sum of e[s_g:e_g] over rows (the softmax sums, in float32)
 
 Each tile splits its float32 operands into bf16 hi + lo in registers and accumulates
 hi*hi + lo*hi + hi*lo in float32 on the tensor cores (about 16 mantissa bits).
@@ -41,6 +42,7 @@ if triton is not None:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sums = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(start, end, BLOCK_K):
             kk = k0 + rk
             in_k = kk < end
@@ -54,6 +56,8 @@ if triton is not None:
                 mask=in_k[:, None] & (rn[None, :] < n),
                 other=0.0,
             )  # (BLOCK_K, BLOCK_N)
+            if pid_m == 0:
+                sums += tl.sum(e, axis=0)
             v_hi = v.to(tl.bfloat16)
             v_lo = (v - v_hi.to(tl.float32)).to(tl.bfloat16)
             e_hi = e.to(tl.bfloat16)
@@ -70,11 +74,15 @@ if triton is not None:
                 acc = tl.dot(v_hi, e_lo, acc)
         out = out_ptr + g * stride_og + rm[:, None] * stride_om + rn[None, :] * stride_on
         tl.store(out, acc, mask=(rm[:, None] < m) & (rn[None, :] < n))
+        if pid_m == 0:
+            out = out_ptr + g * stride_og + m * stride_om + rn * stride_on
+            tl.store(out, sums, mask=rn < n)
 
-    def blocks(v: Tensor, e: Tensor, ends: Tensor) -> Tensor:
-        """v (T, m), e (T, n) float32, ends (G,) int32 cumulative -> (G, m, n) float32."""
+    def blocks(v: Tensor, e: Tensor, ends: Tensor, rows: int) -> Tensor:
+        """v (T, m), e (T, n) float32, ends (G,) int32 cumulative -> (G, rows, n) float32 with
+        rows > m: rows m+1.. are left unwritten."""
         m, n, g = v.shape[1], e.shape[1], ends.shape[0]
-        out = torch.empty(g, m, n, dtype=torch.float32, device=v.device)
+        out = torch.empty(g, rows, n, dtype=torch.float32, device=v.device)
         grid = (triton.cdiv(m, 128), triton.cdiv(n, 128), g)
         _block_sums_kernel[grid](
             v, e, out, ends, m, n,

@@ -23,6 +23,8 @@ tensor cores do), so CPU tests measure the GPU's numerics.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -138,7 +140,7 @@ def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, ends: list[int], how: str)
         a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
         if not a.is_cuda:  # emulate: bf16 operands, fp32 sums, bf16 result
             a, b = a.float(), b.float()
-    out = F.grouped_mm(a, b, offs=offsets) if _native(a, b) else _grouped_loop(a, b, ends)
+    out = _torch_grouped(a, b, offsets, ends) if _native(a, b) else _grouped_loop(a, b, ends)
     if how == "bf16":
         out = out.to(torch.bfloat16)
     return out.to(torch.float32 if how == "bf16" else dtype)
@@ -155,15 +157,30 @@ def block_sums(v: Tensor, e: Tensor, offsets: Tensor, ends: list[int], how: str)
     ReLU turns into gradient errors of several percent (benchmarks/README.md)."""
     if how != "split":
         return grouped_mm(v.t(), e, offsets, ends, how)
-    if e.is_cuda and triton_blocks.blocks is not None:
+    if e.is_cuda and triton_blocks.available():
         # [v, 1, 0...]: the kernel sums e for the ones column itself, in float32
-        return triton_blocks.blocks(v[:, :-8], e, offsets, rows=v.shape[1])
+        with contextlib.suppress(triton_blocks.Unavailable):
+            return triton_blocks.blocks(v[:, :-8], e, offsets, rows=v.shape[1])
     # Emulation (CPU, or CUDA without Triton): the same bf16 products summed in float32.
     hi, lo = (t.float() for t in split(v))
     e_hi, e_lo = (t.float() for t in split(e))
     m = hi.shape[1]
     top = grouped_mm(torch.cat([hi, lo], 1).t(), e_hi, offsets, ends, "exact")  # (G, 2m, n)
     return top[:, :m] + top[:, m:] + grouped_mm(hi.t(), e_lo, offsets, ends, "exact")
+
+
+def _torch_grouped(a: Tensor, b: Tensor, offsets: Tensor, ends: list[int]) -> Tensor:
+    try:
+        return F.grouped_mm(a, b, offs=offsets)
+    except RuntimeError as err:  # a layout rule of the CUDA kernel this code did not foresee
+        if not a.is_cuda:
+            raise
+        warnings.warn(
+            f"cdgcnet/cdgc: grouped_mm refused {tuple(a.shape)} x {tuple(b.shape)} "
+            f"({str(err).splitlines()[0]}); computing one product per group instead",
+            stacklevel=2,
+        )
+        return _grouped_loop(a, b, ends)
 
 
 def _native(a: Tensor, b: Tensor) -> bool:

@@ -8,11 +8,14 @@ bf16, their float32 form loops over classes on CUDA cores after a sync).
 Each tile splits its float32 operands into bf16 hi + lo in registers and accumulates
 hi*hi + lo*hi + hi*lo in float32 on the tensor cores (about 16 mantissa bits).
 
-Imported only on CUDA: ``blocks`` is None where Triton is not installed (torch's CUDA builds
-ship it); the fast path then computes the same products class by class.
+``available()`` is False where Triton is not installed (torch's CUDA builds ship it) or the
+kernel failed to compile once (with a warning); the fast path then computes the same products
+with torch's grouped products in float32.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -79,6 +82,21 @@ if triton is not None:
             tl.store(out, sums, mask=rn < n)
 
     def blocks(v: Tensor, e: Tensor, ends: Tensor, rows: int) -> Tensor:
+        """The kernel's output, or the emulation's if the kernel fails (then never tried again)."""
+        global _broken
+        try:
+            return _blocks(v, e, ends, rows)
+        except Exception as err:  # compilation on an unforeseen toolchain
+            _broken = True
+            warnings.warn(
+                f"cdgcnet/cdgc: the Triton block-sums kernel failed ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); using torch's grouped "
+                "products in float32 instead",
+                stacklevel=2,
+            )
+            raise Unavailable from err
+
+    def _blocks(v: Tensor, e: Tensor, ends: Tensor, rows: int) -> Tensor:
         """v (T, m), e (T, n) float32, ends (G,) int32 cumulative -> (G, rows, n) float32 with
         rows > m: rows m+1.. are left unwritten."""
         m, n, g = v.shape[1], e.shape[1], ends.shape[0]
@@ -95,3 +113,13 @@ if triton is not None:
 
 else:
     blocks = None
+
+_broken = False
+
+
+class Unavailable(RuntimeError):
+    """The kernel cannot run here; the caller computes the same sums another way."""
+
+
+def available() -> bool:
+    return blocks is not None and not _broken

@@ -37,6 +37,17 @@ def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.data.global_batch_size // micro
 
 
+def check_zero_stage(cfg: TrainConfig, world_size: int) -> None:
+    """ConfigError (one line) for a ZeRO stage this world cannot run on aligned parameters."""
+    if cfg.runtime.zero_stage == 3 and world_size == 1:
+        # One rank takes DeepSpeed's no-gather path: each parameter is a view into one flat
+        # partition buffer, off the 16-byte boundaries GPU kernels need (launch/alignment.py).
+        raise ConfigError(
+            "runtime.zero_stage=3 needs 2 or more ranks: on one rank DeepSpeed runs the model on "
+            "unaligned views of its flat buffer and saves no memory; use runtime.zero_stage=2"
+        )
+
+
 def build_ds_config(
     cfg: TrainConfig,
     world_size: int,
@@ -46,6 +57,7 @@ def build_ds_config(
     load_universal: bool = False,
 ) -> dict:
     """DeepSpeed config dict for this run and world size."""
+    check_zero_stage(cfg, world_size)
     accum = accumulation_steps(cfg, world_size)
     precision = resolve_precision(cfg.runtime.precision, device_type, bf16_supported)
     stage = cfg.runtime.zero_stage
@@ -57,6 +69,10 @@ def build_ds_config(
                 "overlap_comm": device_type != "cpu",
                 "reduce_scatter": True,
                 "allgather_partitions": True,
+                # Each parameter 16-byte aligned in the flat buffer: cuDNN's NHWC BatchNorm
+                # reads fp32 scale/bias with vector loads ("misaligned address" otherwise).
+                # ZeRO-3 gathers each parameter into its own allocation, aligned already.
+                "parameter_alignment": True,
             }
         )
     if stage == 3:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from launch.alignment import AlignmentError
 from launch.config import PRESETS, ConfigError, TrainConfig, check_pretrained, load_config
 from launch.distributed import (
     NodeCountError,
@@ -127,11 +128,12 @@ def check_resume(cfg: TrainConfig, resume: str) -> None:
 
 def preflight(cfg: TrainConfig, world_size: int, resume: str) -> None:
     """Everything that can be refused before DeepSpeed starts, each as one ConfigError."""
-    from launch.ds_config import accumulation_steps
+    from launch.ds_config import accumulation_steps, check_zero_stage
 
     check_data_root(cfg)
     check_resume(cfg, resume)
     accumulation_steps(cfg, world_size)  # the global batch must divide over this world
+    check_zero_stage(cfg, world_size)
 
 
 def run(
@@ -259,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     interruption.install()
     try:
         result = run(cfg, resume=args.resume, nodes=args.nodes)
+    except AlignmentError as e:  # every rank's engine is laid out alike: say it once
+        if world.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     except BaseException as e:
         # After Ctrl-C, whatever a rank meets on the way out (a peer's closed socket, a killed
         # loader worker) is part of the interruption, not a new error.

@@ -23,7 +23,8 @@ import torch
 
 from cdgcnet.losses import CDGCLoss, validate_labels
 from cdgcnet.model import build_model, param_groups
-from launch.checkpoint import CheckpointManager
+from launch.alignment import check_alignment
+from launch.checkpoint import CheckpointManager, universal_reason
 from launch.config import TrainConfig
 from launch.distributed import WorldInfo, barrier, convert_sync_batchnorm, device_type
 from launch.ds_config import accumulation_steps, build_ds_config
@@ -83,6 +84,7 @@ def build_engine(cfg: TrainConfig, world: WorldInfo, device: torch.device, load_
         load_universal=load_universal,
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    check_alignment(engine)  # before any kernel reads a parameter
     return engine, ds_config, accumulation_steps(cfg, world.world_size)
 
 
@@ -153,7 +155,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self.ckpts.resolve(resume)
         barrier()
-        universal = ckpt is not None and ckpt.world_size != w.world_size
+        universal = ckpt is not None and universal_reason(ckpt, w.world_size) is not None
         self.engine, self.ds_config, self.accum = build_engine(cfg, w, self.device, universal)
         train_stream, val_stream = build_streams(cfg, w, self.device)
         self.state = RunState(cfg, w, self.ckpts)

@@ -145,9 +145,11 @@ def test_ds_config_generation() -> None:
     assert build_ds_config(cfg, 2, "cpu")["zero_optimization"]["stage"] == 3
     with pytest.raises(ConfigError, match="global_batch_size=8 is not a multiple"):
         accumulation_steps(cfg, world_size=3)
+    with pytest.raises(ConfigError, match="zero_stage=3 needs 2 or more ranks"):
+        build_ds_config(cfg, 1, "cpu")
     cfg.runtime.precision = "bf16"
     with pytest.raises(ConfigError, match="needs a GPU"):
-        build_ds_config(cfg, 1, "cpu")
+        build_ds_config(cfg, 2, "cpu")
 
 
 def test_shipped_reference_configs_match_the_generator() -> None:

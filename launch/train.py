@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from launch.alignment import AlignmentError
 from launch.config import PRESETS, ConfigError, TrainConfig, check_pretrained, load_config
+from launch.determinism import set_deterministic
 from launch.distributed import (
     NodeCountError,
     check_nodes,
@@ -153,6 +154,7 @@ def run(
     check_nodes(nodes, world)
     preflight(cfg, world.world_size, resume)
     prepare_accelerator()
+    set_deterministic(cfg.runtime.deterministic)  # before any cuBLAS handle exists
     init_distributed(world, cpu_shm_comm=cfg.runtime.cpu_shm_comm)
     from launch.trainer import Trainer
 

@@ -243,7 +243,9 @@ def interrupted_message(cfg: TrainConfig) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
+    """The command line; `hooks` (launch.hooks.Hook) join the run as in `run` (the GPU lease
+    adds its profiler this way)."""
     args = parse_args(argv)
     world = world_from_env()
     try:
@@ -262,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     interruption = Interruption()
     interruption.install()
     try:
-        result = run(cfg, resume=args.resume, nodes=args.nodes)
+        result = run(cfg, resume=args.resume, nodes=args.nodes, hooks=hooks)
     except AlignmentError as e:  # every rank's engine is laid out alike: say it once
         if world.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -18,9 +18,10 @@ import torch
 from launch.hooks import Hook, StepResult
 
 TOP = 10
-# CUDA runtime calls in which the host waits for the device (a D2H copy into pageable memory,
-# as .item() makes, returns only when the copy is done).
-_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+# CUDA runtime calls in which the host waits for the device: torch follows a copy to the host
+# (.item(), .cpu()) with a stream synchronisation; cudaMemcpy (not ...Async) blocks by itself.
+_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+_BLOCKING = ("cudaMemcpy",)
 _LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
 
@@ -51,7 +52,11 @@ def summarize(events: Sequence[Any], averages: Sequence[Any], steps: int, wall_s
     `events`: profiler FunctionEvents (prof.events()); `averages`: prof.key_averages()."""
     cpu = torch.autograd.DeviceType.CPU
     device = [e for e in events if e.device_type != cpu]
-    waits = [e for e in events if e.device_type == cpu and e.name.startswith(_WAITS)]
+    waits = [
+        e
+        for e in events
+        if e.device_type == cpu and (e.name.startswith(_WAITS) or e.name in _BLOCKING)
+    ]
     wall_us = wall_s * 1e6
     wait_us = sum(e.time_range.end - e.time_range.start for e in waits)
     busy = busy_us((e.time_range.start, e.time_range.end) for e in device) if device else None

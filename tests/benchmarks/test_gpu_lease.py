@@ -317,6 +317,7 @@ def test_profile_summary_from_device_and_host_events() -> None:
         ev("cudaLaunchKernel", cpu, 10, 12),
         ev("cudaLaunchKernel", cpu, 20, 22),
         ev("cudaStreamSynchronize", cpu, 30, 90),
+        ev("cudaMemcpyAsync", cpu, 92, 93),  # an async copy: no wait
         ev("gemm_kernel", cuda, 12, 60),
         ev("Memcpy DtoH", cuda, 50, 80),
     ]

@@ -1,6 +1,7 @@
 """The GPU check of the whole project in one command that fits one short GPU lease.
 
     python3 benchmarks/gpu_lease.py --out DIR [--budget-s 480] [--wheels .whl] [--only STAGE ...]
+        [--set KEY=VALUE ...] [--variant "KEY=VALUE ..." ...]    # trainer config overrides
     python3 benchmarks/gpu_lease.py --dry-run --out DIR       # CPU, tiny sizes, fp32 (a test runs it)
     python3 benchmarks/gpu_lease.py --build-wheels [DIR]      # what `make gpu-wheels` runs
 
@@ -14,8 +15,13 @@ time limit inside the overall budget:
 3. trainer     launch/train.py through its command line: DeepSpeed ZeRO-2, bf16, CDGC
                checkpointing, ResNet-101 at the Cityscapes preset (769x769, 2 images, 19
                classes) on a generated Cityscapes-layout set packed on the spot, MLflow off;
-               per-iteration times, peak memory, losses, then a resume from the middle
-               checkpoint whose losses are compared with the uninterrupted run
+               per-iteration times, peak memory, losses, a torch.profiler breakdown of 3
+               steps, then a resume from the middle checkpoint whose losses are compared with
+               the uninterrupted run, and the plain PyTorch step of the same network (the
+               goals: trainer step <= 1.1x plain, peak memory <= plain + 1.5 GiB). `--set`
+               overrides go to every run; each `--variant` is one configuration (its
+               overrides on top of --set) measured this way, one after another on the
+               generated data
 4. train_step  CDGCNet, CDGCNet with CDGC checkpointing, the same net without CDGC and
                torchvision's deeplabv3_resnet101 at the Cityscapes preset; images/s, peak
                memory, model FLOP/s against a bf16 matmul peak measured here
@@ -44,6 +50,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -91,6 +98,7 @@ class Sizes:
     step_iters: int
     trainer_overrides: tuple[str, ...]  # key=value for launch/train.py
     iterations: int  # trainer run; it checkpoints halfway and resumes from there
+    profile_at: tuple[int, int]  # (first iteration, steps) the trainer's profiler covers
     synth_size: tuple[int, int]  # (width, height) of the generated Cityscapes images
     synth_train: int
     synth_val: int
@@ -113,6 +121,7 @@ GPU = Sizes(
         "data.num_workers=6",
     ),
     iterations=20,
+    profile_at=(4, 3),  # after 3 warm-up steps, clear of the saves at 10 and 20
     synth_size=(2048, 1024),
     synth_train=48,  # more than the 2 x 20 crops of the run: one loader epoch, no restart
     synth_val=2,
@@ -141,6 +150,7 @@ DRY = Sizes(
         "loss.ohem_min_kept=4096",
     ),
     iterations=4,
+    profile_at=(3, 1),  # the one iteration without a save after it
     synth_size=(256, 128),
     synth_train=8,
     synth_val=1,
@@ -341,6 +351,8 @@ class Ctx:
     sizes: Sizes
     dry_run: bool
     deadline: float  # time.time() by which the stage must be done
+    sets: tuple[str, ...] = ()  # --set: trainer overrides of every variant
+    variants: tuple[tuple[str, ...], ...] = ()  # --variant: more trainer runs, overrides each
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -510,17 +522,24 @@ def _peaks() -> dict[str, float | None]:
     }
 
 
-def trainer_child(result_path: str, argv: list[str]) -> int:
-    """Run launch/train.py's command line in this process, then write its peak memory."""
-    import runpy
+def trainer_child(result_path: str, window: str, argv: list[str]) -> int:
+    """Run launch/train.py's command line in this process with a StepProbe (benchmarks/
+    step_profile.py) over the iterations `window` ("FIRST:STEPS") names, then write its exit
+    code, peak memory and the probe's record."""
     import traceback
 
+    from benchmarks.step_profile import StepProbe
+
     hide_absent_packages()
-    sys.argv = [str(ROOT / "launch" / "train.py"), *argv]
+    sys.argv = [str(ROOT / "launch" / "train.py"), *argv]  # as `python launch/train.py ...`
+    first, steps = (int(x) for x in window.split(":"))
+    probe = StepProbe(first, steps)
     code: Any = 0
     error = None
     try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        from launch.train import main as train_main
+
+        code = train_main(argv, hooks=[probe])
     except SystemExit as exc:
         code = exc.code
     except Exception as exc:
@@ -528,6 +547,7 @@ def trainer_child(result_path: str, argv: list[str]) -> int:
         code, error = 1, f"{type(exc).__name__}: {str(exc)[:400]}"
     finally:
         res = {"exit_code": code if isinstance(code, int) else 1, "error": error, **_peaks()}
+        res.update(probe.record())
         Path(result_path).write_text(json.dumps(res))
     return res["exit_code"]
 
@@ -538,8 +558,9 @@ def run_trainer(
     """launch/train.py in a child (see trainer_child); follows run_dir/metrics.jsonl to time
     each iteration by when its record appears (the trainer appends one line per iteration)."""
     result_path = ctx.work / f"{run_dir.name}.result.json"
+    window = "{}:{}".format(*ctx.sizes.profile_at)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trainer-child", str(result_path)]
-    proc = subprocess.Popen([*cmd, "--", *argv], cwd=ROOT)
+    proc = subprocess.Popen([*cmd, window, "--", *argv], cwd=ROOT)
     metrics = run_dir / "metrics.jsonl"
     t0 = time.time()
     rows: list[dict] = []
@@ -618,13 +639,24 @@ def _checkpoints(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def stage_trainer(ctx: Ctx) -> None:
+TIME_GOAL = 1.1
+"""Issue 18: the trainer's step takes at most this many times the plain step of the network."""
+MEMORY_GOAL_MB = 1536.0
+"""Issue 18: the trainer's peak device memory exceeds the plain step's by at most this (MiB)."""
+
+
+def trainer_variants(ctx: Ctx) -> list[tuple[str, ...]]:
+    """The overrides of each trainer configuration: --set and each --variant in turn, or --set
+    alone without any --variant."""
+    return [ctx.sets + v for v in ctx.variants] or [ctx.sets]
+
+
+def trainer_overrides(ctx: Ctx, root: str) -> list[str]:
+    """launch/train.py key=value overrides of every trainer run of the stage."""
     s = ctx.sizes
-    data = make_dataset(ctx)
-    record(ctx.out, "trainer", {"data": data})
     half = s.iterations // 2
-    base = [
-        "--config", "cityscapes", f"data.root={data['root']}",
+    return [
+        f"data.root={root}",
         "data.global_batch_size=null",  # 2 images per step, no accumulation
         f"schedule.iterations={s.iterations}", "schedule.warmup_iters=0",
         f"checkpoint.every={half}", "checkpoint.keep=2",
@@ -632,21 +664,71 @@ def stage_trainer(ctx: Ctx) -> None:
         "model.checkpoint=true", "runtime.zero_stage=2",
         "logging.enabled=false", "runtime.progress=false",
         *s.trainer_overrides,
+        FROM_SCRATCH,
     ]  # fmt: skip
+
+
+def stage_trainer(ctx: Ctx) -> None:
+    from launch.config import load_config
+
+    variants = trainer_variants(ctx)
+    # A bad --set or --variant stops here, naming the key, before the data is made.
+    configs = [
+        load_config("cityscapes", [*trainer_overrides(ctx, "generated"), *v]) for v in variants
+    ]
+    data = make_dataset(ctx)
+    record(ctx.out, "trainer", {"data": data})
+    base = trainer_overrides(ctx, data["root"])
+    goals, failed = [], []
+    for i, (overrides, cfg) in enumerate(zip(variants, configs, strict=True)):
+        write = _variant_writer(ctx, i)
+        write({"set": list(overrides)})
+        result = run_variant(ctx, f"v{i}", [*base, *overrides], cfg, write)
+        goals.append({"set": list(overrides), **result})
+        record(ctx.out, "trainer", {"goals": goals})
+        if result["status"] != "ok":
+            failed.append(f"{list(overrides)}: {result['status']}")
+    if failed:
+        raise RuntimeError(f"trainer runs failed: {'; '.join(failed)}; see {LOG}")
+
+
+def _variant_writer(ctx: Ctx, index: int) -> Callable[[dict[str, Any]], None]:
+    """Where one configuration's records go: stages.trainer itself for the first, else
+    stages.trainer.variants[index - 1]."""
+    if index == 0:
+        return lambda part: record(ctx.out, "trainer", part)
+
+    def write(part: dict[str, Any]) -> None:
+        variants = load_results(ctx.out)["stages"]["trainer"].get("variants", [])
+        variants += [{} for _ in range(index - len(variants))]
+        variants[index - 1].update(part)
+        record(ctx.out, "trainer", {"variants": variants})
+
+    return write
+
+
+def run_variant(
+    ctx: Ctx, name: str, overrides: list[str], cfg: Any, write: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """One trainer configuration: the run (profiled), its resume from the middle checkpoint, the
+    plain step of the same network; returns the goals row (see `versus_plain`)."""
+    s = ctx.sizes
+    half = s.iterations // 2
+    first, steps = s.profile_at
     warmup = 3 if s.iterations > 6 else 1
-    skip = {half + 1}  # the step after the save includes it
+    # Left out of the step times: the step after the save, the profiled steps and the one after
+    # them (it includes the profile's summary).
+    skip = {half + 1, *range(first, first + steps + 1)}
 
-    def live(name: str) -> Callable[[list[dict]], None]:
-        def write(rows: list[dict]) -> None:
-            record(ctx.out, "trainer", {name: {"status": "running", "iterations": rows}})
+    def live(part: str) -> Callable[[list[dict]], None]:
+        return lambda rows: write({part: {"status": "running", "iterations": rows}})
 
-        return write
-
-    run1 = ctx.work / "run1"
+    run1 = ctx.work / f"{name}_run"
     shutil.rmtree(run1, ignore_errors=True)
-    argv = [*base, FROM_SCRATCH, "--run-dir", str(run1), "--resume", "none"]
-    record(ctx.out, "trainer", {"command": "launch/train.py " + " ".join(argv)})
+    argv = ["--config", "cityscapes", *overrides, "--run-dir", str(run1), "--resume", "none"]
+    write({"command": "launch/train.py " + " ".join(argv)})
     res = run_trainer(ctx, run1, argv, live("run"))
+    profile = res.pop("profile", None)
     res["pretrained_override"] = FROM_SCRATCH
     res.update(step_summary(res["iterations"], skip, warmup))
     if res["iterations"]:
@@ -657,21 +739,23 @@ def stage_trainer(ctx: Ctx) -> None:
     res["checkpoints"] = _checkpoints(run1)
     res["exported_model"] = (run1 / "model.pt").is_file()
     res["status"] = "ok" if res["exit_code"] == 0 else f"exit code {res['exit_code']}"
-    record(ctx.out, "trainer", {"run": res})
+    write({"run": res, "profile": profile})
     if res["exit_code"] != 0:
-        raise RuntimeError(f"the trainer run failed ({res['status']}); see {LOG}")
+        return {"status": f"run: {res['status']}"}
 
     # Resume from the halfway checkpoint in a new run directory; the second half must repeat
     # the first run's losses (exactly on CPU in fp32; to rounding on the GPU).
-    run2 = ctx.work / "run2"
+    run2 = ctx.work / f"{name}_resume"
     ckpt = run1 / "checkpoints" / f"iter_{half:08d}"
-    argv = [*base, FROM_SCRATCH, "--run-dir", str(run2), "--resume", str(ckpt)]
+    argv = ["--config", "cityscapes", *overrides, "--run-dir", str(run2), "--resume", str(ckpt)]
     res2 = run_trainer(ctx, run2, argv, live("resume"))
-    first = {r["iteration"]: r["loss"]["total"] for r in res["iterations"]}
+    res2.pop("profile", None)  # resumed past the profiled steps
+    first_losses = {r["iteration"]: r["loss"]["total"] for r in res["iterations"]}
     diffs = [
-        abs(r["loss"]["total"] - first[r["iteration"]]) / max(abs(first[r["iteration"]]), 1e-12)
+        abs(r["loss"]["total"] - first_losses[r["iteration"]])
+        / max(abs(first_losses[r["iteration"]]), 1e-12)
         for r in res2["iterations"]
-        if r["iteration"] in first
+        if r["iteration"] in first_losses
     ]
     res2.update(
         resumed_from=ckpt.name,
@@ -679,9 +763,67 @@ def stage_trainer(ctx: Ctx) -> None:
         loss_max_rel_diff_vs_run=max(diffs) if diffs else None,
         status="ok" if res2["exit_code"] == 0 else f"exit code {res2['exit_code']}",
     )
-    record(ctx.out, "trainer", {"resume": res2})
-    if res2["exit_code"] != 0:
-        raise RuntimeError(f"the resumed run failed ({res2['status']}); see {LOG}")
+    write({"resume": res2})
+    plain = measure_plain(ctx, cfg)
+    write({"plain": plain})
+    row = versus_plain(res, plain, profile)
+    row["resume_loss_max_rel_diff"] = res2["loss_max_rel_diff_vs_run"]
+    row["status"] = "ok" if res2["exit_code"] == 0 else f"resume: {res2['status']}"
+    return row
+
+
+def measure_plain(ctx: Ctx, cfg: Any) -> dict[str, Any]:
+    """The plain PyTorch step of the trainer's network (its model config, crop, batch, input
+    layout and precision) in this process: benchmarks/train_step.py's step, timed and measured
+    as the train_step stage does."""
+    import torch
+
+    from cdgcnet.model import build_model
+    from launch.ds_config import resolve_precision
+
+    device = _device()
+    cuda = device.type == "cuda"
+    precision = resolve_precision(
+        cfg.runtime.precision, device.type, cuda and torch.cuda.is_bf16_supported()
+    )
+    p = dict(crop=cfg.data.crop_size, batch=cfg.data.batch_size, classes=cfg.model.num_classes,
+             depth=cfg.model.depth)  # fmt: skip
+
+    def build(dev: torch.device) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(cfg.model).to(dev).train()
+
+    case = "cdgc" if cfg.runtime.channels_last else "cdgc_nchw"  # the input layout only
+    row: dict[str, Any] = {"case": case, "precision": precision}
+    if precision == "fp16":  # DeepSpeed's loss-scaled fp16 has no plain twin here
+        return {**row, "status": "skipped: no plain fp16 step"}
+    if ctx.left() < 15:
+        return {**row, "status": "skipped: stage time used up"}
+    row.update(_measure_case(ctx, case, p, build=build, bf16=precision == "bf16"))
+    return row
+
+
+def versus_plain(run: dict[str, Any], plain: dict[str, Any], profile: Any) -> dict[str, Any]:
+    """The goals row: the trainer's median step and training peak memory against the plain step
+    of the same network (memory only on the GPU, where both are max_memory_allocated)."""
+    t, p = run.get("step_ms_median"), plain.get("step_ms")
+    mt, mp = run.get("train_peak_allocated_mb"), plain.get("peak_mem_mb")
+    ratio = round(t / p, 3) if t and p else None
+    cuda = plain.get("device") == "cuda"
+    extra = round(mt - mp, 1) if mt is not None and mp is not None and cuda else None
+    return {
+        "trainer_step_ms": t,
+        "plain_step_ms": p,
+        "time_ratio": ratio,
+        "time_goal": TIME_GOAL,
+        "time_ok": None if ratio is None else ratio <= TIME_GOAL,
+        "trainer_peak_mb": mt,
+        "plain_peak_mb": mp if cuda else None,
+        "memory_extra_mb": extra,
+        "memory_goal_extra_mb": MEMORY_GOAL_MB,
+        "memory_ok": None if extra is None else extra <= MEMORY_GOAL_MB,
+        "gpu_busy_fraction": (profile or {}).get("gpu_busy_fraction"),
+    }
 
 
 # ----------------------------------------------------------------------------- 4. train step
@@ -724,21 +866,29 @@ def measure_train_step(
     return rows
 
 
-def _measure_case(ctx: Ctx, case: str, p: dict[str, Any]) -> dict[str, Any]:
+def _measure_case(
+    ctx: Ctx,
+    case: str,
+    p: dict[str, Any],
+    build: Callable[[Any], Any] | None = None,
+    bf16: bool | None = None,
+) -> dict[str, Any]:
     """Step times, FLOPs and the peak memory from model build to the last step (weights,
-    gradients, momentum, activations) of one benchmarks/train_step.py case."""
+    gradients, momentum, activations) of one benchmarks/train_step.py case; `build(device)`
+    makes another model for the case's step, `bf16` overrides its autocast (default: on CUDA)."""
     import torch
 
     from benchmarks import common, train_step
 
     device = _device()
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     gc.collect()  # the previous case's model, optimizer and inputs
     if device.type == "cuda":
         torch.cuda.empty_cache()
     try:
         with common.PeakMemory(device) as mem:
-            model = train_step.build(case, p, device)
-            step = train_step.make_step(case, model, p, device)
+            model = build(device) if build else train_step.build(case, p, device)
+            step = train_step.make_step(case, model, p, device, bf16=bf16)
             flops = common.count_flops(step)  # also the first warm-up step
             for _ in range(max(ctx.sizes.step_warmup - 1, 0)):
                 step()
@@ -750,8 +900,9 @@ def _measure_case(ctx: Ctx, case: str, p: dict[str, Any]) -> dict[str, Any]:
     t = common.summary(times)
     return dict(
         status="ok",
+        device=device.type,
         depth=101 if case == "torchvision" else p["depth"],
-        dtype="bf16 autocast" if device.type == "cuda" else "fp32",
+        dtype="bf16 autocast" if bf16 else "fp32",
         step_ms=t["median_ms"],
         step_ms_min=t["min_ms"],
         step_ms_max=t["max_ms"],
@@ -829,7 +980,7 @@ def stage_sdpa(ctx: Ctx) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks import cdgc_module, common
+    from benchmarks import cdgc_module, common, step_profile
     from cdgcnet.cdgc import CDGCModule
 
     device = _device()
@@ -873,10 +1024,7 @@ def stage_sdpa(ctx: Ctx) -> None:
                 continue
             events = prof.key_averages()
             ops = sorted({e.key for e in events if "attention" in e.key.lower()})
-            kernels = sorted(
-                (e for e in events if e.device_type != torch.autograd.DeviceType.CPU),
-                key=lambda e: -e.self_device_time_total,
-            )
+            kernels = step_profile.device_ops(events)
             attn = [
                 e for e in kernels
                 if re.search(r"fmha|flash|attention|attn|cutlass", e.key, re.IGNORECASE)
@@ -982,6 +1130,10 @@ def run_stage(name: str, args: argparse.Namespace, env: dict[str, str], deadline
     cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--out", str(out)]
     cmd += ["--work", args.work, "--deadline", str(deadline)]
     cmd += ["--dry-run"] if args.dry_run else []
+    for item in args.set or ():
+        cmd += ["--set", item]
+    for item in args.variant or ():
+        cmd += ["--variant", item]
     t0 = time.time()
     with open(out / LOG, "a") as log:
         log.write(f"\n===== {name} (limit {deadline - t0:.0f} s)\n")
@@ -1016,6 +1168,26 @@ def run_stage(name: str, args: argparse.Namespace, env: dict[str, str], deadline
     return status
 
 
+def parse_trainer_overrides(
+    sets: Sequence[str] | None, variants: Sequence[str] | None, error: Callable[[str], Any]
+) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """--set items and --variant strings (shell-split) as override tuples; error(message) for
+    an item that is not KEY=VALUE (the trainer stage checks keys and values)."""
+    parsed = tuple(tuple(shlex.split(v)) for v in variants or ())
+    for item in [*(sets or ()), *itertools.chain.from_iterable(parsed)]:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            error(f"trainer override {item!r} is not KEY=VALUE (e.g. model.queries=members)")
+    if any(not v for v in parsed):
+        error("--variant needs at least one KEY=VALUE")
+    return tuple(sets or ()), parsed
+
+
+def stage_cap_s(sizes: Sizes, name: str, args: argparse.Namespace) -> float:
+    """The most one stage may take; the trainer's cap holds for each configuration."""
+    cap = sizes.stage_caps_s[name]
+    return cap * max(1, len(args.variant or ())) if name == "trainer" else cap
+
+
 def lease_main(args: argparse.Namespace) -> int:
     import torch
 
@@ -1042,6 +1214,8 @@ def lease_main(args: argparse.Namespace) -> int:
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
             "budget_s": budget,
             "stages": stages,
+            "trainer_set": args.set or [],
+            "trainer_variants": args.variant or [],
         },
     )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -1066,7 +1240,7 @@ def lease_main(args: argparse.Namespace) -> int:
                 record(out, name, {"status": "skipped: the lease budget is used up"})
                 print(f"gpu_lease: {name}: skipped (budget used up)", flush=True)
                 continue
-            deadline = time.time() + min(sizes.stage_caps_s[name], left)
+            deadline = time.time() + min(stage_cap_s(sizes, name, args), left)
             print(f"gpu_lease: {name} (limit {deadline - time.time():.0f} s) ...", flush=True)
             status = run_stage(name, args, env, deadline)
             print(f"gpu_lease: {name}: {status}", flush=True)
@@ -1095,6 +1269,19 @@ def print_summary(out: Path) -> None:
     lines.append(
         f"resume: {res.get('status')}, loss rel diff {res.get('loss_max_rel_diff_vs_run')}"
     )
+    prof = st.get("trainer", {}).get("profile") or {}
+    lines.append(
+        f"trainer profile: {prof.get('status')}, GPU busy {prof.get('gpu_busy_fraction')}, "
+        f"host sync wait {prof.get('host_sync_wait_ms_per_step')} ms/step, "
+        f"{prof.get('kernel_launches_per_step')} launches/step"
+    )
+    for g in st.get("trainer", {}).get("goals", []):
+        lines.append(
+            f"trainer vs plain {g['set']}: {g.get('status')}, step {g.get('trainer_step_ms')} / "
+            f"{g.get('plain_step_ms')} ms = x{g.get('time_ratio')} (ok {g.get('time_ok')}), "
+            f"memory +{g.get('memory_extra_mb')} MB (ok {g.get('memory_ok')}), resume "
+            f"{g.get('resume_loss_max_rel_diff')}"
+        )
     for r in st.get("train_step", {}).get("records", []):
         lines.append(
             f"train_step {r['case']}: {r.get('status')} {r.get('step_ms')} ms, "
@@ -1117,13 +1304,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--trainer-child"]:
         sep = argv.index("--")
-        return trainer_child(argv[1], argv[sep + 1 :])
+        return trainer_child(argv[1], argv[2], argv[sep + 1 :])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", help="where lease.json and lease.log go (on the GPU machine: $OUT)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, fp32")
     ap.add_argument("--budget-s", type=float, default=None, help="whole run (GPU 480, dry 600)")
     ap.add_argument("--only", nargs="+", choices=STAGES, help="run these stages only")
     ap.add_argument("--wheels", default=str(WHEEL_DIR), help="wheel folder (default .whl)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="launch/train.py override for every trainer run (repeatable)",
+    )
+    ap.add_argument("--variant", action="append", metavar='"KEY=VALUE ..."',
+                    help="a trainer configuration: these overrides on top of --set "
+                         "(repeatable: one after another on the same data)")  # fmt: skip
     ap.add_argument("--build-wheels", nargs="?", const=str(WHEEL_DIR), metavar="DIR",
                     help="build the wheels for the GPU image into DIR and stop")  # fmt: skip
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
@@ -1134,9 +1330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return build_wheels(Path(args.build_wheels))
     if not args.out:
         ap.error("--out is required")
+    sets, variants = parse_trainer_overrides(args.set, args.variant, ap.error)
     if args.stage:
         ctx = Ctx(Path(args.out), Path(args.work), DRY if args.dry_run else GPU, args.dry_run,
-                  args.deadline)  # fmt: skip
+                  args.deadline, sets, variants)  # fmt: skip
         return stage_main(args.stage, ctx)
     return lease_main(args)
 

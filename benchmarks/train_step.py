@@ -109,14 +109,22 @@ def inputs(
     return images.to(device), labels.to(device)
 
 
-def make_step(case: str, model: torch.nn.Module, p: dict[str, Any], device: torch.device):
-    """A closure running one full training step of `model` on fixed inputs."""
+def make_step(
+    case: str,
+    model: torch.nn.Module,
+    p: dict[str, Any],
+    device: torch.device,
+    bf16: bool | None = None,
+):
+    """A closure running one full training step of `model` on fixed inputs; bf16 autocast
+    when `bf16` (default: on CUDA)."""
     from cdgcnet.losses import CDGCLoss
 
     images, labels = inputs(p, device, channels_last=case != "cdgc_nchw")
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    loss_fn = CDGCLoss().to(device)
-    use_bf16 = device.type == "cuda"
+    # Labels are checked off the step, as the trainer's loader workers do (no host sync here).
+    loss_fn = CDGCLoss(check_labels=False).to(device)
+    use_bf16 = device.type == "cuda" if bf16 is None else bf16
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

@@ -69,6 +69,21 @@ class CheckpointInfo:
         return int(self.meta["world_size"])
 
 
+def universal_reason(info: CheckpointInfo, world_size: int) -> str | None:
+    """Why a checkpoint loads here only through the universal form (its per-parameter files fit
+    any layout), or None when DeepSpeed loads it as it is.
+
+    Another world size partitions the flat buffers otherwise. ZeRO-1/2 checkpoints saved before
+    16-byte parameter alignment (markers without "parameter_alignment") hold the unpadded flat
+    layout, which DeepSpeed refuses to load into a padded engine.
+    """
+    if info.world_size != world_size:
+        return f"was saved by {info.world_size} rank(s), this world has {world_size}"
+    if info.meta.get("zero_stage") in (1, 2) and not info.meta.get("parameter_alignment"):
+        return "holds ZeRO's unpadded parameter layout (saved before 16-byte alignment)"
+    return None
+
+
 def tag_for(iteration: int) -> str:
     return f"{PREFIX}{iteration:08d}"
 

@@ -296,6 +296,9 @@ class RuntimeConfig:
     """Stop with an error after this many non-finite losses in a row (each one skips its step)."""
     cpu_shm_comm: bool = False
     """Use DeepSpeed's shared-memory CPU all-reduce op (JIT-compiled on first use, ~2.5 min)."""
+    deterministic: bool = False
+    """Deterministic cuDNN, cuBLAS and torch algorithms on the GPU, for resumes that repeat the
+    losses as closely as torch allows (launch/determinism.py; CPU runs are exact either way)."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
 

@@ -31,6 +31,7 @@ from launch.checkpoint import (
     load_engine,
     safe_load,
     to_universal,
+    universal_reason,
 )
 from launch.config import TrainConfig, to_dict
 from launch.distributed import WorldInfo, all_gather_object
@@ -107,13 +108,12 @@ class RunState:
 
     def _load(self, engine, stream, ckpt: CheckpointInfo) -> dict:
         same_world = ckpt.world_size == self.world.world_size
-        if same_world:
+        reason = universal_reason(ckpt, self.world.world_size)
+        if reason is None:
             _, client = load_engine(engine, ckpt.path.parent, ckpt.tag)
         else:
             say(
-                self.world,
-                f"resume: checkpoint {ckpt.path} was saved by {ckpt.world_size} rank(s), "
-                f"this world has {self.world.world_size}: converting to universal form",
+                self.world, f"resume: checkpoint {ckpt.path} {reason}: converting to universal form"
             )
             _, client = load_engine(engine, to_universal(ckpt), ckpt.tag)
             if not client or "stream" not in client:  # the universal form may drop it
@@ -156,7 +156,11 @@ class RunState:
             "world_size": self.world.world_size,
             **extra,
         }
-        meta = {"world_size": self.world.world_size, "zero_stage": self.cfg.runtime.zero_stage}
+        meta = {
+            "world_size": self.world.world_size,
+            "zero_stage": self.cfg.runtime.zero_stage,
+            "parameter_alignment": bool(engine.zero_parameter_alignment()),
+        }
         return self.ckpts.save(engine, iteration, client, meta)
 
 

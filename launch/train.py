@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from launch.alignment import AlignmentError
 from launch.config import PRESETS, ConfigError, TrainConfig, check_pretrained, load_config
+from launch.determinism import set_deterministic
 from launch.distributed import (
     NodeCountError,
     check_nodes,
@@ -127,11 +129,12 @@ def check_resume(cfg: TrainConfig, resume: str) -> None:
 
 def preflight(cfg: TrainConfig, world_size: int, resume: str) -> None:
     """Everything that can be refused before DeepSpeed starts, each as one ConfigError."""
-    from launch.ds_config import accumulation_steps
+    from launch.ds_config import accumulation_steps, check_zero_stage
 
     check_data_root(cfg)
     check_resume(cfg, resume)
     accumulation_steps(cfg, world_size)  # the global batch must divide over this world
+    check_zero_stage(cfg, world_size)
 
 
 def run(
@@ -151,6 +154,7 @@ def run(
     check_nodes(nodes, world)
     preflight(cfg, world.world_size, resume)
     prepare_accelerator()
+    set_deterministic(cfg.runtime.deterministic)  # before any cuBLAS handle exists
     init_distributed(world, cpu_shm_comm=cfg.runtime.cpu_shm_comm)
     from launch.trainer import Trainer
 
@@ -239,7 +243,9 @@ def interrupted_message(cfg: TrainConfig) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
+    """The command line; `hooks` (launch.hooks.Hook) join the run as in `run` (the GPU lease
+    adds its profiler this way)."""
     args = parse_args(argv)
     world = world_from_env()
     try:
@@ -258,7 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     interruption = Interruption()
     interruption.install()
     try:
-        result = run(cfg, resume=args.resume, nodes=args.nodes)
+        result = run(cfg, resume=args.resume, nodes=args.nodes, hooks=hooks)
+    except AlignmentError as e:  # every rank's engine is laid out alike: say it once
+        if world.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     except BaseException as e:
         # After Ctrl-C, whatever a rank meets on the way out (a peer's closed socket, a killed
         # loader worker) is part of the interruption, not a new error.

@@ -148,12 +148,14 @@ class TrainLog(Hook):
         }
 
     def _mlflow_due(self, step: StepResult) -> bool:
-        it = step.iteration
-        return (
-            not step.finite
-            or it % self.cfg.logging.every == 0
-            or it == self.cfg.schedule.iterations
-        )
+        return not step.finite or self._due(step.iteration)
+
+    def _due(self, it: int) -> bool:
+        return it % self.cfg.logging.every == 0 or it == self.cfg.schedule.iterations
+
+    def logs_grad_norm(self, it: int) -> bool:
+        """Whether MLflow records train/grad_norm at iteration `it` (the same on every rank)."""
+        return self.cfg.logging.enabled and self._due(it)
 
     def _metrics(self, step: StepResult, images_per_s: float, wait_share: float) -> dict:
         out = {f"train/loss/{k}": v for k, v in step.losses.items() if math.isfinite(v)}

@@ -14,6 +14,7 @@ then the caller's hooks (`Trainer(hooks=...)`, `launch.train.run(hooks=...)`). T
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,12 +22,14 @@ from pathlib import Path
 
 import torch
 
+from cdgcnet.labels import LabelSpec
 from cdgcnet.losses import CDGCLoss, validate_labels
 from cdgcnet.model import build_model, param_groups
-from launch.checkpoint import CheckpointManager
+from launch.alignment import check_alignment
+from launch.checkpoint import CheckpointManager, universal_reason
 from launch.config import TrainConfig
 from launch.distributed import WorldInfo, barrier, convert_sync_batchnorm, device_type
-from launch.ds_config import accumulation_steps, build_ds_config
+from launch.ds_config import ModelSize, accumulation_steps, build_ds_config
 from launch.evaluation import Evaluator
 from launch.export import export_trained
 from launch.hooks import Hook, StepResult
@@ -79,18 +82,24 @@ def build_engine(cfg: TrainConfig, world: WorldInfo, device: torch.device, load_
         cfg,
         world.world_size,
         device.type,
+        ModelSize.of(model),
         bf16_supported=bf16,
         load_universal=load_universal,
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    check_alignment(engine)  # before any kernel reads a parameter
     return engine, ds_config, accumulation_steps(cfg, world.world_size)
 
 
-def build_streams(cfg: TrainConfig, world: WorldInfo, device: torch.device):
-    """This rank's TrainStream and EvalStream."""
+def build_streams(cfg: TrainConfig, world: WorldInfo, device: torch.device, spec: LabelSpec):
+    """This rank's TrainStream and EvalStream. The loader workers check each training label,
+    off the step's path (the losses run with check_labels=False: no host-device sync)."""
     from pipeline.reader import EvalStream, TrainStream
 
     root = Path(cfg.data.root)
+    check = functools.partial(
+        validate_labels, num_classes=spec.num_classes, ignore_index=spec.ignore_index
+    )
     train = TrainStream(
         root / cfg.data.train_split,
         batch_size=cfg.data.batch_size,
@@ -104,6 +113,7 @@ def build_streams(cfg: TrainConfig, world: WorldInfo, device: torch.device):
         jitter=cfg.data.jitter,
         on_corrupt=cfg.data.on_corrupt,
         pin_memory=device.type == "cuda",
+        label_check=check,
     )
     val = EvalStream(
         root / cfg.data.val_split,
@@ -153,9 +163,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self.ckpts.resolve(resume)
         barrier()
-        universal = ckpt is not None and ckpt.world_size != w.world_size
+        universal = ckpt is not None and universal_reason(ckpt, w.world_size) is not None
         self.engine, self.ds_config, self.accum = build_engine(cfg, w, self.device, universal)
-        train_stream, val_stream = build_streams(cfg, w, self.device)
+        train_stream, val_stream = build_streams(cfg, w, self.device, self.spec)
         self.state = RunState(cfg, w, self.ckpts)
         client = self.state.restore(self.engine, train_stream, ckpt)
         self.nonfinite = NonFinitePolicy(
@@ -184,7 +194,7 @@ class Trainer:
             loss.ohem_thresh,
             loss.ohem_min_kept,
             self.spec.ignore_index,
-            check_labels=False,  # run_step checks each batch on the host
+            check_labels=False,  # the loader workers check each sample (build_streams)
         )
         evaluator = Evaluator(self, val_stream, self.on_eval)
         checkpointing = Checkpointing(
@@ -219,12 +229,12 @@ class Trainer:
         finiteness, backward and step. A non-finite step changes no weight."""
         t0 = time.perf_counter()
         lr = set_lr(self.engine.optimizer, self.cfg, it - 1)
+        self._grad_norm_for(it)
         finite, losses, wait = True, {}, 0.0
         for _ in range(self.accum):
             t_wait = time.perf_counter()
             images, labels = next(self.batches)
             wait += time.perf_counter() - t_wait
-            self._check_labels(labels, it)  # on the host copy: no host-device sync
             images = images.to(self.device, non_blocking=True)  # (B, 3, crop, crop)
             if self.cfg.runtime.channels_last:  # every activation follows the input's layout
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -244,9 +254,11 @@ class Trainer:
         dt = time.perf_counter() - t0
         return StepResult(it, lr, losses, finite, seconds=dt, wait_seconds=wait)
 
-    def _check_labels(self, labels: torch.Tensor, it: int) -> None:
-        try:
-            validate_labels(labels, self.spec.num_classes, self.spec.ignore_index)
-        except ValueError as exc:
-            split = Path(self.cfg.data.root) / self.cfg.data.train_split
-            raise ValueError(f"{split}: training batch of iteration {it}: {exc}") from None
+    def _grad_norm_for(self, it: int) -> None:
+        """ZeRO-1/2 compute the gradient norm (a kernel per parameter and a host-device sync)
+        only where it is used: every step when clipping, else the steps whose norm MLflow logs.
+        The norm is all-reduced: every rank decides alike, from the config alone."""
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "compute_grad_norm"):  # ZeRO-3 and no ZeRO have no switch
+            needed = self.cfg.optim.grad_clip > 0 or self.log.logs_grad_norm(it)
+            optimizer.compute_grad_norm = needed

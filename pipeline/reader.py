@@ -42,7 +42,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,7 +196,7 @@ def decode_sample(sample: dict, limits: Limits = DEFAULT_LIMITS) -> tuple[np.nda
     declares more than ``limits.max_pixels`` (checked before decoding), either does not decode,
     or they differ in size.
     """
-    where = f"{sample.get('__shard__', '?')}: sample {sample.get('__key__', '?')}"
+    where = shards.sample_where(sample)
     shards.check_sample(sample, limits)
     field_ = shards.image_field(sample)
     image = _imdecode(sample[field_], cv2.IMREAD_COLOR_RGB)
@@ -267,6 +267,7 @@ class _TrainWorkerStream(IterableDataset):
         self.batch_size = stream.batch_size
         self.shuffle_buffer = stream.shuffle_buffer
         self.on_corrupt, self.limits = stream.on_corrupt, stream.limits
+        self.label_check = stream.label_check
         self.seed, self.rank, self.epoch = stream.seed, stream.rank, epoch
         self.start_step = start_step
 
@@ -330,6 +331,7 @@ class _TrainWorkerStream(IterableDataset):
             if decoded is None:
                 continue
             image, label = self.augment(*decoded, rng)
+            self._check_label(sample, label)
             images.append(image)
             labels.append(label)
             if len(images) == self.batch_size:
@@ -337,6 +339,15 @@ class _TrainWorkerStream(IterableDataset):
                 batch_labels = torch.from_numpy(np.stack(labels).astype(np.int64))  # (B, ch, cw)
                 images, labels = [], []
                 yield (batch_images, batch_labels, *log.pop())
+
+    def _check_label(self, sample: dict, label: np.ndarray) -> None:
+        """label_check on one augmented label; its ValueError names the shard and the key."""
+        if self.label_check is None:
+            return
+        try:
+            self.label_check(torch.from_numpy(label))
+        except ValueError as exc:
+            raise ValueError(f"{shards.sample_where(sample)}: {exc}") from None
 
 
 class TrainStream:
@@ -347,7 +358,9 @@ class TrainStream:
     / ``load_state_dict()`` save and restore the position exactly (see the module docstring).
     Each worker holds ``shuffle_buffer`` encoded samples (about 2.5 MB each for Cityscapes PNGs).
     ``pin_memory`` yields page-locked batches (for training on a GPU, where it lets the step's
-    ``.to(device, non_blocking=True)`` overlap with the work already queued).
+    ``.to(device, non_blocking=True)`` overlap with the work already queued). ``label_check``
+    runs on each augmented label (int tensor (ch, cw)) in the loader workers, off the training
+    step's path; its ValueError comes out naming the shard and the sample key.
     """
 
     def __init__(
@@ -368,6 +381,7 @@ class TrainStream:
         on_corrupt: str = "raise",
         pin_memory: bool = False,
         limits: Limits = DEFAULT_LIMITS,
+        label_check: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         _check_on_corrupt(on_corrupt)
         for name, v, low in (
@@ -387,7 +401,7 @@ class TrainStream:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, int(seed), shuffle_buffer
         self.on_corrupt, self.pin_memory = on_corrupt, bool(pin_memory)
-        self.limits = limits
+        self.limits, self.label_check = limits, label_check
         self.augment = TrainAugment(as_hw(crop_size), tuple(scale_range), flip, jitter)
         if batches_per_epoch is None:
             # about one pass over the split per epoch across all ranks

@@ -153,12 +153,17 @@ def image_field(sample: dict) -> str | None:
     return next((f for f in IMAGE_FIELDS if f in sample), None)
 
 
+def sample_where(sample: dict) -> str:
+    """ "<shard>: sample <key>", how every message about a raw sample starts."""
+    return f"{sample.get('__shard__', '?')}: sample {sample.get('__key__', '?')}"
+
+
 def check_sample(sample: dict, limits: Limits) -> None:
     """Members complete, headers within the limits: a ShardError naming shard and key if not.
 
     Only headers are read, so this is safe to call on any sample before decoding it.
     """
-    where = f"{sample.get('__shard__', '?')}: sample {sample.get('__key__', '?')}"
+    where = sample_where(sample)
     fields = sorted(k for k in sample if not k.startswith("__"))
     images = [f for f in IMAGE_FIELDS if f in sample]
     if len(images) != 1 or LABEL_FIELD not in sample or META_FIELD not in sample:

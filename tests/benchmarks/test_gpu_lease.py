@@ -4,6 +4,7 @@ trainer's records and the profiler's op names."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import importlib.util
@@ -17,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import gpu_lease
 
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, "benchmarks/gpu_lease.py", "--dry-run", "--out", str(out)]
-    cmd += ["--wheels", str(tmp_path / "no_wheels")]
+    cmd += ["--wheels", str(tmp_path / "no_wheels"), "--set", "runtime.seed=1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -57,6 +59,18 @@ def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
     assert resume["status"] == "ok"
     assert resume["iterations_after_resume"] == list(range(half + 1, n + 1))
     assert resume["loss_max_rel_diff_vs_run"] == 0.0  # fp32 on CPU: the resume is exact
+    trainer = st["trainer"]
+    assert trainer["set"] == ["runtime.seed=1"] and "runtime.seed=1" in trainer["command"]
+    assert data["lease"]["trainer_set"] == ["runtime.seed=1"]
+    prof = trainer["profile"]
+    assert prof["status"] == "ok" and prof["iterations"] == [3, 3] and prof["steps"] == 1
+    assert prof["wall_ms_per_step"] > 0 and prof["top_host_ops"]
+    assert prof["gpu_busy_fraction"] is None and prof["top_kernels"] == []  # CPU
+    assert trainer["plain"]["status"] == "ok" and trainer["plain"]["step_ms"] > 0
+    (goal,) = trainer["goals"]
+    assert goal["set"] == ["runtime.seed=1"] and goal["status"] == "ok"
+    assert goal["time_ratio"] == round(run["step_ms_median"] / trainer["plain"]["step_ms"], 3)
+    assert goal["memory_extra_mb"] is None  # CPU: no device memory to compare
 
     rows = {r["case"]: r for r in st["train_step"]["records"]}
     for case in ("cdgc", "cdgc_ckpt", "baseline"):
@@ -241,3 +255,88 @@ def test_from_scratch_override_loads_the_paper_preset() -> None:
     cfg = load_config("cityscapes", [gpu_lease.FROM_SCRATCH])
     check_pretrained(cfg)  # the paper preset refuses to start without it
     assert cfg.model.pretrained == "none"
+
+
+def test_trainer_overrides_and_variants(tmp_path: Path) -> None:
+    def error(message: str) -> None:
+        raise ValueError(message)
+
+    sets, variants = gpu_lease.parse_trainer_overrides(
+        ["runtime.precision=bf16"], ["model.queries=members", "a.b=1 'c.d=[1, 2]'"], error
+    )
+    assert sets == ("runtime.precision=bf16",)
+    assert variants == (("model.queries=members",), ("a.b=1", "c.d=[1, 2]"))
+    with pytest.raises(ValueError, match="'members' is not KEY=VALUE"):
+        gpu_lease.parse_trainer_overrides(None, ["members"], error)
+    ctx = gpu_lease.Ctx(tmp_path, tmp_path, gpu_lease.GPU, False, 0.0, sets, variants)
+    assert gpu_lease.trainer_variants(ctx) == [
+        (*sets, "model.queries=members"),
+        (*sets, "a.b=1", "c.d=[1, 2]"),
+    ]
+    alone = gpu_lease.Ctx(tmp_path, tmp_path, gpu_lease.GPU, False, 0.0, sets, ())
+    assert gpu_lease.trainer_variants(alone) == [sets]
+    # Each configuration gets the trainer's cap; the first writes stages.trainer, the rest
+    # stages.trainer.variants[].
+    args = argparse.Namespace(variant=["x=1", "y=2"])
+    assert gpu_lease.stage_cap_s(gpu_lease.GPU, "trainer", args) == 2 * 240
+    assert gpu_lease.stage_cap_s(gpu_lease.GPU, "trainer", argparse.Namespace(variant=None)) == 240
+    assert gpu_lease.stage_cap_s(gpu_lease.GPU, "sdpa", args) == 60
+    gpu_lease._variant_writer(ctx, 0)({"set": []})
+    gpu_lease._variant_writer(ctx, 2)({"set": ["y=2"]})
+    gpu_lease._variant_writer(ctx, 1)({"set": ["x=1"], "run": {"status": "ok"}})
+    trainer = gpu_lease.load_results(tmp_path)["stages"]["trainer"]
+    assert trainer["set"] == []
+    assert trainer["variants"] == [{"set": ["x=1"], "run": {"status": "ok"}}, {"set": ["y=2"]}]
+
+
+def test_trainer_against_the_plain_step() -> None:
+    run = {"step_ms_median": 60.0, "train_peak_allocated_mb": 7000.0}
+    plain = {"step_ms": 50.0, "peak_mem_mb": 5800.0, "device": "cuda"}
+    row = gpu_lease.versus_plain(run, plain, {"gpu_busy_fraction": 0.93})
+    assert row["time_ratio"] == 1.2 and row["time_ok"] is False
+    assert row["memory_extra_mb"] == 1200.0 and row["memory_ok"] is True
+    assert row["gpu_busy_fraction"] == 0.93
+    cpu = gpu_lease.versus_plain(run, {**plain, "device": "cpu"}, None)
+    assert cpu["memory_extra_mb"] is None and cpu["memory_ok"] is None
+    assert gpu_lease.versus_plain({}, plain, None)["time_ok"] is None  # the run failed
+
+
+def test_profile_summary_from_device_and_host_events() -> None:
+    from types import SimpleNamespace as NS
+
+    from benchmarks import step_profile
+
+    assert step_profile.busy_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25.0
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(name, device, start, end):
+        return NS(name=name, device_type=device, time_range=NS(start=start, end=end))
+
+    events = [
+        ev("aten::mm", cpu, 0, 100),
+        ev("cudaLaunchKernel", cpu, 10, 12),
+        ev("cudaLaunchKernel", cpu, 20, 22),
+        ev("cudaStreamSynchronize", cpu, 30, 90),
+        ev("cudaMemcpyAsync", cpu, 92, 93),  # an async copy: no wait
+        ev("gemm_kernel", cuda, 12, 60),
+        ev("Memcpy DtoH", cuda, 50, 80),
+    ]
+
+    def avg(key, device, self_cpu=0.0, self_dev=0.0, count=1):
+        return NS(key=key, device_type=device, self_cpu_time_total=self_cpu,
+                  self_device_time_total=self_dev, count=count)  # fmt: skip
+
+    averages = [
+        avg("aten::mm", cpu, self_cpu=40.0),
+        avg("cudaLaunchKernel", cpu, self_cpu=4.0, count=2),
+        avg("gemm_kernel", cuda, self_dev=48.0),
+        avg("Memcpy DtoH", cuda, self_dev=30.0),
+    ]
+    got = step_profile.summarize(events, averages, steps=2, wall_s=200e-6)
+    assert got["gpu_busy_ms_per_step"] == 0.034  # (12..80) = 68 us over 2 steps
+    assert got["gpu_busy_fraction"] == 0.34
+    assert got["host_sync_wait_ms_per_step"] == 0.03 and got["host_syncs_per_step"] == 0.5
+    assert got["host_busy_ms_per_step"] == 0.07 and got["kernel_launches_per_step"] == 1.0
+    assert [k["name"] for k in got["top_kernels"]] == ["gemm_kernel", "Memcpy DtoH"]
+    assert got["top_host_ops"][0] == {"name": "aten::mm", "self_ms_per_step": 0.02,
+                                      "calls_per_step": 0.5}  # fmt: skip

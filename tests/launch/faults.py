@@ -1,6 +1,7 @@
 """Fault injection for the training tests, as hooks (launch.hooks.Hook) the program never sees
 unless a test adds them: SIGKILL every rank after an iteration, SIGKILL inside a checkpoint save,
-NaN losses, one failure, and a resume that restarts the data stream (the control of exact resume).
+NaN losses, one failure, a resume that restarts the data stream (the control of exact resume),
+and the unpadded ZeRO layout of the program before 16-byte alignment (to write old checkpoints).
 
 A fault spec is a dict, e.g. {"kill_at": 3} or {"nonfinite_at": [2, 4]}:
 - in-process: `launch.train.run(cfg, hooks=fault_hooks(spec))`;
@@ -22,7 +23,15 @@ from launch.hooks import Hook, StepResult
 ENV = "CDGCNET_TEST_FAULTS"
 REPO = Path(__file__).resolve().parents[2]
 SITE = Path(__file__).resolve().parent / "fault_site"
-KINDS = ("kill_at", "crash_in_save_at", "nonfinite_at", "fail_once_at", "fresh_data")
+KINDS = (
+    "kill_at",
+    "crash_in_save_at",
+    "nonfinite_at",
+    "fail_once_at",
+    "fresh_data",
+    "unpadded_layout",
+)
+PATCHES = ("fresh_data", "unpadded_layout")  # change the program, not a hook
 
 
 class KillAt(Hook):
@@ -105,7 +114,8 @@ class FailOnce(Hook):
 
 
 def fault_hooks(spec: dict) -> list[Hook]:
-    """The hooks of a fault spec ("fresh_data" is not a hook: see `restart_data_on_resume`)."""
+    """The hooks of a fault spec (PATCHES are not hooks: see `restart_data_on_resume`,
+    `unpadded_layout`)."""
     unknown = sorted(set(spec) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown fault(s) {unknown}; known: {KINDS}")
@@ -127,6 +137,20 @@ def restart_data_on_resume() -> None:
     from pipeline.reader import TrainStream
 
     TrainStream.load_state_dict = lambda self, state, strict=True: None
+
+
+def unpadded_layout(trainer_module) -> None:
+    """Engines of this process get ZeRO's unpadded flat layout and no alignment check, as the
+    program wrote checkpoints before 16-byte parameter alignment."""
+    build = trainer_module.build_ds_config
+
+    def without_padding(*args, **kwargs) -> dict:
+        ds = build(*args, **kwargs)
+        ds["zero_optimization"].pop("parameter_alignment", None)
+        return ds
+
+    trainer_module.build_ds_config = without_padding
+    trainer_module.check_alignment = lambda engine: None
 
 
 def fault_env(spec: dict | str | os.PathLike) -> dict[str, str]:
@@ -156,6 +180,8 @@ def install(trainer_module) -> None:
         spec = _spec_from_env()
         if spec.get("fresh_data"):
             restart_data_on_resume()
-        self.extra_hooks.extend(fault_hooks({k: v for k, v in spec.items() if k != "fresh_data"}))
+        if spec.get("unpadded_layout"):
+            unpadded_layout(trainer_module)
+        self.extra_hooks.extend(fault_hooks({k: v for k, v in spec.items() if k not in PATCHES}))
 
     trainer_cls.__init__ = init_with_faults

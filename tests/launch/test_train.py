@@ -91,6 +91,10 @@ def test_deepspeed_zero2_two_processes_logs_to_mlflow(tmp_path, tmp_path_factory
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     by_step = {m.step: m.value for m in history}
     assert by_step[4] == pytest.approx(rec[4]["loss"]["total"])
+    # The ZeRO config computes no norm (no clipping): the trainer asks for it on logged steps.
+    assert ds["zero_optimization"]["compute_grad_norm"] is False
+    norms = client.get_metric_history(r.info.run_id, "train/grad_norm")
+    assert sorted(m.step for m in norms) == [1, 2, 3, 4] and all(m.value > 0 for m in norms)
     miou = client.get_metric_history(r.info.run_id, "val/miou")
     assert sorted(m.step for m in miou) == [2, 4]
     final = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])

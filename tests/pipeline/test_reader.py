@@ -412,3 +412,20 @@ def test_shard_missing_samples_is_detected(split, tmp_path):
             tar.addfile(m, io.BytesIO(data))
     with pytest.raises(ShardError, match=r"toy-train-000003\.tar: truncated.*s03_003"):
         list(EvalStream(folder))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_label_check_runs_in_the_workers_and_names_the_sample(split, num_workers):
+    from functools import partial
+
+    from cdgcnet.losses import validate_labels
+
+    folder, _ = split
+    kw = dict(batch_size=2, crop_size=16, batches_per_epoch=2, num_workers=num_workers)
+    # The trainer's check (launch.trainer.build_streams) with every class the set has: passes.
+    ok = partial(validate_labels, num_classes=NUM_CLASSES, ignore_index=255)
+    assert len(list(TrainStream(folder, label_check=ok, **kw))) == 2
+    # One class fewer than the labels hold: refused in the worker, naming shard and key.
+    few = partial(validate_labels, num_classes=1, ignore_index=255)
+    with pytest.raises(ValueError, match=r"toy-train-00000\d\.tar: sample s\d\d_\d\d\d: target"):
+        list(TrainStream(folder, label_check=few, **kw))

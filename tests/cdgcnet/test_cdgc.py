@@ -55,7 +55,8 @@ def _run(mod: CDGCModule, impl: str, x: torch.Tensor, coarse, target, seed: int 
     xx = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)  # the same Bernoulli sample for every run
     out = mod(xx, coarse, target)
-    weight = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out).sin()
+    weight = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype, device=out.device)
+    weight = weight.view_as(out).sin()
     (out * weight).sum().backward()
     grads = {name: p.grad for name, p in mod.named_parameters()}
     return out.detach(), xx.grad, grads

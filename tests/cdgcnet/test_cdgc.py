@@ -76,6 +76,15 @@ def _assert_same(got, ref, atol: float, what: str) -> None:
         )
 
 
+def _assert_close_in_float32(got, ref) -> None:
+    """Output and every gradient within 1e-5 of each reference tensor's scale (at least 1)."""
+    (out, gx, grads), (out_r, gx_r, grads_r) = got, ref
+    pairs = [("out", out, out_r), ("x", gx, gx_r), *((n, grads[n], grads_r[n]) for n in grads_r)]
+    for name, a, b in pairs:
+        atol = 1e-5 * max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
 # How the fast path is run against the one dense result: (budget, checkpoint).
 FAST_VARIANTS = [(DEFAULT_BUDGET, False), (TINY_BUDGET, False), (TINY_BUDGET, True)]
 
@@ -225,16 +234,9 @@ def test_fast_matches_dense_in_float32(queries):
     coarse = 3.0 * F.one_hot(_blob_labels(b, h, w, m), m).permute(0, 3, 1, 2).float()
     target = _blob_labels(b, h, w, m, seed=5)
     target[:, :2] = 255
-    out_d, gx_d, gp_d = _run(mod, "dense", x, coarse, target)
-    out_f, gx_f, gp_f = _run(mod, "fast", x, coarse, target)
-
-    def close(a, b):  # fp32: absolute tolerance relative to the tensor's scale
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(1.0, b.abs().max().item()))
-
-    close(out_f, out_d)
-    close(gx_f, gx_d)
-    for name, g in gp_d.items():
-        close(gp_f[name], g)
+    _assert_close_in_float32(
+        _run(mod, "fast", x, coarse, target), _run(mod, "dense", x, coarse, target)
+    )
 
 
 def test_a_tiny_budget_runs_8_query_chunks(monkeypatch):

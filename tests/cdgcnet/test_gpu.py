@@ -19,8 +19,8 @@ from cdgcnet.losses import CDGCLoss
 from cdgcnet.model import build_model
 from tests.cdgcnet import test_cdgc_precision as prec
 from tests.cdgcnet.test_cdgc import (
-    FAST_VARIANTS,
-    _assert_same,
+    _assert_close_in_float32,
+    _assert_fast_matches_dense,
     _blob_labels,
     _case,
     _coarse_from_labels,
@@ -60,11 +60,7 @@ def test_fast_matches_dense_in_float64_on_cuda(queries: str, name: str) -> None:
     kw, training, x, coarse, target = _case(name)
     mod = _module(queries=queries, **kw).to(CUDA).train(training)
     x, coarse, target = x.to(CUDA), coarse.to(CUDA), target.to(CUDA)
-    ref = _run(mod, "dense", x, coarse, target)
-    for budget, ckpt in FAST_VARIANTS:
-        mod.budget, mod.checkpoint = budget, ckpt
-        got = _run(mod, "fast", x, coarse, target)
-        _assert_same(got, ref, 1e-10, f"cuda fast, budget={budget}, checkpoint={ckpt}")
+    _assert_fast_matches_dense(mod, x, coarse, target)  # chunked and checkpointed too
 
 
 @pytest.mark.parametrize("graph,ratio", [("ds", 0.5), ("sim", 1.0)])
@@ -73,16 +69,9 @@ def test_fast_matches_dense_in_float32_on_cuda(queries: str, graph: str, ratio: 
     torch.manual_seed(0)
     mod = CDGCModule(64, 19, graph=graph, ratio=ratio, queries=queries).to(CUDA).train()
     x, coarse, target = _inputs(2, 64, 19, 20, 24)
-    out_d, gx_d, gp_d = _run(mod, "dense", x, coarse, target)
-    out_f, gx_f, gp_f = _run(mod, "fast", x, coarse, target)
-
-    def close(a, b):  # fp32: absolute tolerance relative to the tensor's scale
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(1.0, b.abs().max().item()))
-
-    close(out_f, out_d)
-    close(gx_f, gx_d)
-    for name, g in gp_d.items():
-        close(gp_f[name], g)
+    _assert_close_in_float32(
+        _run(mod, "fast", x, coarse, target), _run(mod, "dense", x, coarse, target)
+    )
 
 
 def test_triton_block_sums_kernel_against_float64() -> None:

@@ -459,3 +459,13 @@ def test_bad_inputs_are_named(impl):
             mod(*args)
     with pytest.raises(ValueError, match="labels outside"):
         mod.node_sets(coarse, torch.full((2, 5, 6), -3))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_plain_gcn_needs_no_coarse_logits(impl):
+    _, _, x, coarse, target = _case("plain_train")
+    mod = _module(class_wise=False, impl=impl).train()
+    torch.manual_seed(7)
+    with_logits = mod(x, coarse, target)
+    torch.manual_seed(7)
+    torch.testing.assert_close(mod(x), with_logits, rtol=0, atol=0)

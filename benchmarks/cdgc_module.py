@@ -1,12 +1,14 @@
-"""Forward+backward time and peak memory of the CDGC module, dense vs segmented.
+"""Forward+backward time and peak memory of the CDGC module, dense vs fast.
 
-    python benchmarks/cdgc_module.py [--json PATH] [--iters N] [--smoke] [--precision]
+    python benchmarks/cdgc_module.py [--json PATH] [--iters N] [--smoke] [--queries Q]
+    python benchmarks/cdgc_module.py --precision [--errors] [--json PATH] [--iters N]
 
 CPU threads follow torch's default (set OMP_NUM_THREADS to choose).
 
 Shapes: CPU (B=2, C=256, 48x48, M=19, fp32); with CUDA also the Cityscapes training shape
 (B=2, C=512, 97x97, M=19, bf16 autocast) and the COCO-Stuff shape (B=2, C=512, 65x65, M=171,
-bf16 autocast). The module runs in training mode with graph="ds", ratio=1.0, on a realistic
+bf16 autocast). The module runs in training mode with graph="ds", ratio=1.0, the model's
+default reading (queries="all"; --queries picks another) and precision ("split"), on a realistic
 coarse map (smooth random class blobs) and a target that mostly agrees with it (a perturbed
 version of the same blobs, with an ignored top band), so node sets look like a real training
 step; memberships_per_node records how many node sets a pixel is in on average.
@@ -23,9 +25,11 @@ module, the inputs and the warm-up (whose freed heap goes back to the OS via mal
   gradient checkpointing reduces), same baseline.
 A case that runs out of memory is recorded as such (numbers null, status "out of memory").
 
---precision measures the cost of keeping the graph in float32 under bf16 autocast instead: the
-Cityscapes training shape, segmented, bf16 autocast on every device (CPU included), with the
-module's precision="fp32" (default) and precision="autocast" (see cdgcnet/cdgc.py).
+--precision measures the precision modes instead (cdgcnet/cdgc/precision.py): the Cityscapes
+training shape, the fast path, bf16 autocast on every device (CPU included: the bf16 products
+emulated as the GPU computes them), with precision "split" (default), "fp32" and "autocast".
+--errors adds their gradient error against float64 at C=512, M=19, 33x33 for each reading, at
+the initial weights and with phi, phi' x2 (tests/cdgcnet/test_cdgc_precision.py measures it).
 Needs torch only.
 """
 
@@ -46,10 +50,9 @@ from benchmarks import common
 CPU_SHAPES = [dict(B=2, C=256, H=48, W=48, M=19)]
 SMOKE_SHAPES = [dict(B=1, C=16, H=12, W=10, M=5)]
 CUDA_SHAPES = [dict(B=2, C=512, H=97, W=97, M=19), dict(B=2, C=512, H=65, W=65, M=171)]
-VARIANTS = [("dense", False), ("segmented", False), ("segmented", True)]  # (impl, checkpoint)
-CUDA_VARIANTS = [("jagged", False)]  # one varlen kernel on CUDA; per-segment math on CPU
+VARIANTS = [("dense", False), ("fast", False), ("fast", True)]  # (impl, checkpoint)
 PRECISION_SHAPE = dict(B=2, C=512, H=97, W=97, M=19)  # Cityscapes: 769 px crops, output stride 8
-PRECISIONS = ("fp32", "autocast")
+PRECISIONS = ("split", "fp32", "autocast")
 
 
 def _inputs(B, C, H, W, M, device, seed=0):
@@ -67,7 +70,8 @@ def run_case(case: dict) -> dict:
     cuda = device.type == "cuda"
     B, C, H, W, M = (case[k] for k in "BCHWM")
     torch.manual_seed(0)
-    precision = case.get("precision", "fp32")
+    precision = case.get("precision", "split")
+    queries = case.get("queries", "all")
     mod = CDGCModule(
         C,
         M,
@@ -76,8 +80,7 @@ def run_case(case: dict) -> dict:
         impl=case["impl"],
         checkpoint=case["checkpoint"],
         precision=precision,
-        # the segment kernels this script compares; --precision measures the model's default
-        queries=case.get("queries", "members"),
+        queries=queries,
     )
     mod = mod.to(device).train()
     x, coarse, target = _inputs(B, C, H, W, M, device)
@@ -95,6 +98,7 @@ def run_case(case: dict) -> dict:
         fwd_bwd_ms=None,
         peak_mem_mb=None,
         checkpoint=case["checkpoint"],
+        queries=queries,
         precision=precision,
         dtype=str(dtype).removeprefix("torch."),
         threads=torch.get_num_threads(),
@@ -174,7 +178,8 @@ def _spawn_one(case: dict, env: dict) -> dict:
             fwd_bwd_ms=None,
             peak_mem_mb=None,
             checkpoint=case["checkpoint"],
-            precision=case.get("precision", "fp32"),
+            queries=case.get("queries", "all"),
+            precision=case.get("precision", "split"),
             status=status,
         )
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -189,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the records to this JSON file")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per case")
     parser.add_argument("--smoke", action="store_true", help="one tiny CPU shape (script check)")
+    parser.add_argument("--queries", default="all", help="the reading (default: the model's)")
     parser.add_argument(
         "--precision",
         action="store_true",
-        help="the CDGC precision cost instead: Cityscapes shape, bf16 autocast, fp32 vs autocast",
+        help="the precision modes instead: Cityscapes shape, bf16 autocast, split/fp32/autocast",
+    )
+    parser.add_argument(
+        "--errors", action="store_true", help="with --precision: gradient errors per mode, reading"
     )
     parser.add_argument("--_case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -209,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         cases += [(s, "cuda") for s in CUDA_SHAPES]
     records = []
     for shape, device in cases:
-        for impl, ckpt in VARIANTS + (CUDA_VARIANTS if device == "cuda" else []):
+        for impl, ckpt in VARIANTS:
             case = dict(shape, device=device, impl=impl, checkpoint=ckpt, iters=args.iters)
+            case["queries"] = args.queries
             est = _dense_estimate_gb(shape, 4)
             if impl == "dense" and device == "cpu" and est > 0.8 * common.available_memory_gb():
                 rec = dict(case, fwd_bwd_ms=None, peak_mem_mb=None, status="skipped: needs ~")
@@ -221,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append(rec)
             print(
                 f"{rec['device']:>5} B={rec['B']} C={rec['C']} {rec['H']}x{rec['W']} "
-                f"M={rec['M']:<3} {rec['impl']:>9}{' +ckpt' if ckpt else '      '} "
+                f"M={rec['M']:<3} {rec['impl']:>5}{' +ckpt' if ckpt else '      '} "
                 f"{_fmt(rec['fwd_bwd_ms'], ' ms'):>13} {_fmt(rec['peak_mem_mb'], ' MB'):>13}  "
                 f"{rec['status']}",
                 flush=True,
@@ -232,16 +242,11 @@ def main(argv: list[str] | None = None) -> int:
             for r in records
             if r["device"] == device and all(r[k] == shape[k] for k in "BCHWM")
         }
-        d, s = rows[("dense", False)], rows[("segmented", False)]
+        d, s = rows[("dense", False)], rows[("fast", False)]
         if d["fwd_bwd_ms"] and s["fwd_bwd_ms"]:
             print(
-                f"{device} {shape}: segmented is {d['fwd_bwd_ms'] / s['fwd_bwd_ms']:.1f}x faster, "
+                f"{device} {shape}: fast is {d['fwd_bwd_ms'] / s['fwd_bwd_ms']:.1f}x faster, "
                 f"{d['peak_mem_mb'] / max(s['peak_mem_mb'], 1e-3):.1f}x less peak memory"
-            )
-        j = rows.get(("jagged", False))
-        if j and j["fwd_bwd_ms"] and s["fwd_bwd_ms"]:
-            print(
-                f"{device} {shape}: jagged / segmented time {j['fwd_bwd_ms'] / s['fwd_bwd_ms']:.2f}"
             )
     if args.json:
         common.write_json(args.json, records)
@@ -253,8 +258,8 @@ def _precision_main(args: argparse.Namespace, cuda: bool) -> int:
     records = []
     for device in ["cpu"] + (["cuda"] if cuda and not args.smoke else []):
         for precision in PRECISIONS:
-            case = dict(shape, device=device, impl="segmented", checkpoint=False, bf16=True)
-            rec = _spawn(dict(case, precision=precision, queries="all", iters=args.iters))
+            case = dict(shape, device=device, impl="fast", checkpoint=False, bf16=True)
+            rec = _spawn(dict(case, precision=precision, iters=args.iters))
             records.append(rec)
             print(
                 f"{device:>5} B={rec['B']} C={rec['C']} {rec['H']}x{rec['W']} M={rec['M']} "
@@ -262,15 +267,31 @@ def _precision_main(args: argparse.Namespace, cuda: bool) -> int:
                 f"{_fmt(rec['peak_mem_mb'], ' MB'):>13}  {rec['status']}",
                 flush=True,
             )
-        full, low = records[-2], records[-1]
-        if full["fwd_bwd_ms"] and low["fwd_bwd_ms"]:
-            print(
-                f"{device}: fp32 graph costs {full['fwd_bwd_ms'] / low['fwd_bwd_ms']:.2f}x the time "
-                f"and {_fmt(full['peak_mem_mb'] - low['peak_mem_mb'], ' MB')} more peak memory"
-            )
+    errors = _errors() if args.errors else []
     if args.json:
-        common.write_json(args.json, records)
+        common.write_json(args.json, {"timings": records, "errors": errors})
     return 0
+
+
+def _errors() -> list[dict]:
+    """Relative L2 errors (percent) of the output and every gradient against float64 on CPU, per
+    reading, weights and mode."""
+    import torch
+
+    from cdgcnet.cdgc import QUERIES
+    from tests.cdgcnet.test_cdgc_precision import errors
+
+    rows = []
+    for queries in QUERIES:
+        for sharpen in (1.0, 2.0):
+            for precision in PRECISIONS:
+                errs = errors(queries, precision, sharpen, torch.device("cpu"))
+                rows.append(dict(queries=queries, phi_scale=sharpen, precision=precision))
+                rows[-1].update({f"{k}_pct": round(100 * v, 2) for k, v in errs.items()})
+                print(f"{queries:>8} x{sharpen} {precision:>8}: " + ", ".join(
+                    f"{k} {v:.2f}%" for k, v in errs.items()
+                ), flush=True)  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
-"""Cost of the two readings of section 3.3: CDGC queries="members" vs queries="all".
+"""Cost of the three readings of section 3.3: CDGC queries="all" (default), "members", "masked".
 
     OMP_NUM_THREADS=1 python benchmarks/cdgc_readings.py --json benchmarks/results/cdgc_readings_cpu.json
     python benchmarks/cdgc_readings.py --smoke --json /tmp/r.json      # a tiny shape (script check)
 
-The "members" reading runs attention inside each class's node set (sum_m |V_m|^2 * C); the "all"
-reading lets every node attend to each class's node set (N * sum_m |V_m| * C), streamed over
-classes into one (B*N, C) buffer. Both with the default impl ("segmented"); "all" also with
-checkpoint=True (each class's step recomputed in backward, so what is held for backward does not
-grow with M). Inputs as in cdgc_module.py (common.cdgc_inputs: smooth class blobs, a perturbed
-target), module in training mode with graph="ds", ratio 1.0.
+The readings differ in which query-key pairs carry attention: "members" those inside each class's
+node set (sum_m |V_m|^2), "all" every node against each class's node set (N * sum_m |V_m|),
+"masked" the same pairs as "all" plus N - |V_m| zero keys per class and uniform non-member
+queries. The fast path (impl "fast", the default) computes N * sum_m |V_m| scores for each of
+them, in chunks of queries, and recomputes each chunk in backward; "all" also runs with
+checkpoint=True (then only the module's input is held for backward). Inputs as in
+cdgc_module.py (common.cdgc_inputs: smooth class blobs, a perturbed target), module in training
+mode with graph="ds", ratio 1.0, fp32 on CPU (precision "split" acts under bf16 autocast only).
 
 Per case, in fresh subprocesses (common.run_in_subprocess): forward+backward time (median of
 --iters after a warm-up), its peak memory and what is held between forward and backward, and the
@@ -36,7 +38,7 @@ CPU_SHAPES = [
 ]
 SMOKE_SHAPES = [dict(B=1, C=16, H=10, W=12, M=5)]
 CUDA_SHAPES = [dict(B=2, C=512, H=97, W=97, M=19), dict(B=2, C=512, H=65, W=65, M=171)]
-VARIANTS = [("members", False), ("all", False), ("all", True)]  # (queries, checkpoint)
+VARIANTS = [("all", False), ("members", False), ("masked", False), ("all", True)]  # (queries, ckpt)
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -58,10 +60,12 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         nodes = mod.node_sets(coarse, target)  # (B, M, H, W)
     record["memberships_per_node"] = round(nodes.sum().item() / (b * h * w), 3)
-    # The attention's query-key pairs: the cost model of each reading.
+    # The query-key pairs that carry attention in each reading, and the scores the fast path
+    # computes for every reading (all queries against the keys of every class present).
     sizes = nodes.flatten(2).sum(-1).double()  # (B, M)
     pairs = (sizes * sizes).sum() if case["queries"] == "members" else (h * w) * sizes.sum()
     record["attention_pairs"] = int(pairs.item())
+    record["scores"] = int((h * w) * sizes.sum().item())
     held: list[float] = []
 
     def memory_now() -> float:
@@ -123,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             rec = common.run_in_subprocess(Path(__file__), case, timeout_s=1800)
             records.append({**case, **rec})
-    columns = ["B", "C", "H", "W", "M", "queries", "checkpoint", "attention_pairs", "fwd_bwd_ms",
-               "peak_mem_mb", "held_after_fwd_mb", "infer_ms", "infer_peak_mem_mb", "status"]  # fmt: skip
+    columns = ["B", "C", "H", "W", "M", "queries", "checkpoint", "attention_pairs", "scores",
+               "fwd_bwd_ms", "peak_mem_mb", "held_after_fwd_mb", "infer_ms", "infer_peak_mem_mb",
+               "status"]  # fmt: skip
     common.print_table(records, columns, title=f"CDGC readings on {device.type}")
     if args.json:
         cmd = "python benchmarks/cdgc_readings.py " + " ".join(argv)

@@ -1,26 +1,25 @@
 """How the CDGC module's cost grows with the feature size N and the class count M.
 
-    python benchmarks/cdgc_scaling.py [--full] [--jagged] [--C 128] [--B 1] [--iters N]
+    python benchmarks/cdgc_scaling.py [--full] [--queries Q] [--C 128] [--B 1] [--iters N]
                                       [--json PATH] [--dense-budget-gb G] [--smoke]
 
-The module alone (training mode, graph "ds", ratio 1.0, all three parts), dense vs segmented,
-forward + backward (loss = mean of R^2), over feature sides S (N = S*S nodes) and class counts M.
+The module alone (training mode, graph "ds", ratio 1.0, all three parts, the model's default
+reading queries="all" unless --queries says otherwise), dense vs fast, forward + backward
+(loss = mean of R^2), over feature sides S (N = S*S nodes) and class counts M.
 Inputs: coarse logits made of smooth random class blobs, a target that mostly agrees with them
 (the same blobs, perturbed) with an ignored top band, so node sets look like a training step.
 
-Per case: median time (dense and segmented of one shape take turns in one process), peak memory
+Per case: median time (dense and fast of one shape take turns in one process), peak memory
 (a fresh subprocess per case, see benchmarks/common.py), T = sum_m |V_m| memberships,
-sum_m |V_m|^2 (the segmented attention's work) and M*N^2 (the dense path's).
-Fits (least squares in log-log): peak memory vs N per implementation and M (segmented should be
-~1, dense ~2), and segmented time vs sum |V_m|^2.
+sum_m |V_m|^2 (the "members" reading's query-key pairs), N*T (the scores the fast path computes
+for every reading: every node is a query of every class block) and M*N^2 (the dense path's).
+Fits (least squares in log-log): peak memory vs N per implementation and M (fast should be
+~1, dense ~2), and time vs N*T.
 
 Dense cases whose estimated memory (6 x B x M x N^2 x 4 bytes: scores, masked logits, softmax,
 adjacency and their gradients) exceeds --dense-budget-gb are recorded as skipped, not run.
-Default grid: CPU S in {33, 49, 65}, M in {19, 171}, C=128, B=1, fp32 (about 5 minutes on two
-cores); --full or CUDA: S in {33, 49, 65, 97, 129}, M in {19, 21, 171} (CUDA: C=512, bf16).
-On CUDA the "jagged" implementation (all segments in one nested-tensor attention call) runs
-beside the other two; on CPU torch runs it as per-segment math, so it runs there only with
---jagged.
+Default grid: CPU S in {33, 49, 65}, M in {19, 171}, C=128, B=1, fp32; --full or CUDA:
+S in {33, 49, 65, 97, 129}, M in {19, 21, 171} (CUDA: C=512, bf16 autocast, precision "split").
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ def build(spec: dict[str, Any], device: torch.device):
 
     torch.manual_seed(0)
     mod = CDGCModule(
-        spec["C"], spec["M"], graph="ds", ratio=1.0, impl="segmented", queries="members"
+        spec["C"], spec["M"], graph="ds", ratio=1.0, impl="fast", queries=spec["queries"]
     )
     return mod.to(device).train()
 
@@ -98,7 +97,8 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 def node_stats(mod, coarse, target) -> dict[str, int]:
     nodes = mod.node_sets(coarse, target)  # (B, M, S, S)
     sizes = nodes.flatten(2).sum(-1).double()  # (B, M) |V_m| per image
-    return {"T": int(sizes.sum()), "sum_V2": int((sizes**2).sum())}
+    n = nodes.shape[-2] * nodes.shape[-1]
+    return {"T": int(sizes.sum()), "sum_V2": int((sizes**2).sum()), "N_T": int(n * sizes.sum())}
 
 
 def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
@@ -120,13 +120,13 @@ def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     for m in classes:
         for s in sides:
             n = s * s
-            spec = dict(B=args.B, C=args.C, S=s, M=m, device=device.type)
+            spec = dict(B=args.B, C=args.C, S=s, M=m, device=device.type, queries=args.queries)
             spec["threads"] = torch.get_num_threads()
             mod = build(spec, device)
             x, coarse, target = make_inputs(args.B, args.C, s, m, device)
             stats = node_stats(mod, coarse, target)
             est = dense_estimate_gb(args.B, m, n, 2 if cuda else 4)
-            impls = ["segmented", "jagged"] if cuda or args.jagged else ["segmented"]
+            impls = ["fast"]
             if est <= budget:
                 impls.insert(0, "dense")
             steps = {i: make_step(mod, x, coarse, target, device, i) for i in impls}
@@ -140,11 +140,10 @@ def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
                 torch.cuda.empty_cache()
                 times = common.interleaved_times(steps, device, args.warmup, args.iters)
             del steps, mod
-            for impl in ("dense", "segmented", "jagged"):
-                if impl not in impls and impl == "jagged":
-                    continue  # not asked for on CPU (--jagged)
+            for impl in ("dense", "fast"):
                 row: dict[str, Any] = dict(
                     impl=impl,
+                    queries=args.queries,
                     device=device.type,
                     dtype="bf16 autocast" if cuda else "fp32",
                     B=args.B,
@@ -182,9 +181,9 @@ def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
 
 
 def fits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Growth exponents per (impl, M): memory vs N, time vs N, time vs sum |V_m|^2."""
+    """Growth exponents per (impl, M): memory vs N, time vs N, time vs N*T."""
     out = []
-    for impl in ("dense", "segmented", "jagged"):
+    for impl in ("dense", "fast"):
         for m in sorted({r["M"] for r in rows}):
             sel = [r for r in rows if r["impl"] == impl and r["M"] == m and r.get("fwd_bwd_ms")]
             if len(sel) < 2:
@@ -201,8 +200,8 @@ def fits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     time_vs_N=common.fit_exponent(
                         [r["N"] for r in sel], [r["fwd_bwd_ms"] for r in sel]
                     ),
-                    time_vs_sum_V2=common.fit_exponent(
-                        [r["sum_V2"] for r in sel], [r["fwd_bwd_ms"] for r in sel]
+                    time_vs_N_T=common.fit_exponent(
+                        [r["N_T"] for r in sel], [r["fwd_bwd_ms"] for r in sel]
                     ),
                 )
             )
@@ -216,11 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--full", action="store_true", help="the whole grid (default on CUDA)")
-    ap.add_argument(
-        "--jagged",
-        action="store_true",
-        help="also time impl='jagged' on CPU (always on CUDA; on CPU it is per-segment math)",
-    )
+    ap.add_argument("--queries", default="all", help="the reading (default: the model's)")
     ap.add_argument("--C", type=int, default=None, help="channels (CPU 128, CUDA 512)")
     ap.add_argument("--B", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
@@ -239,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     hw = common.hardware(device)
     print(f"hardware: {hw}")
     rows = run(args, device)
-    cols = ["impl", "S", "N", "M", "T", "sum_V2", "M_N2", "fwd_bwd_ms", "peak_mem_mb", "status"]
+    cols = ["impl", "S", "N", "M", "T", "N_T", "M_N2", "fwd_bwd_ms", "peak_mem_mb", "status"]
     common.print_table(rows, cols, title="CDGC module, forward + backward")
     fit_rows = fits(rows)
     common.print_table(
         fit_rows,
-        ["impl", "M", "points", "mem_vs_N", "time_vs_N", "time_vs_sum_V2"],
+        ["impl", "M", "points", "mem_vs_N", "time_vs_N", "time_vs_N_T"],
         title="growth exponents k (y ~ x^k, log-log least squares)",
     )
     if args.json:

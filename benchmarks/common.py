@@ -294,6 +294,18 @@ def _cpu_flash_mapping() -> dict[Any, Any]:
             return fc.sdpa_backward_flop_count(grad_out, query, key, value)
 
         mapping[bwd] = bwd_flop
+    grouped = getattr(aten, "_grouped_mm", None)
+    if grouped is not None:  # the CDGC fast path's per-class products (cdgcnet/cdgc/precision.py)
+
+        def grouped_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+            if len(a_shape) == 2 and len(b_shape) == 3:  # (T, k) rows by group x (G, k, n)
+                return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+            if len(a_shape) == 2 and len(b_shape) == 2:  # (m, T) x (T, n), T by group
+                return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+            batch = a_shape[0] if len(a_shape) == 3 else b_shape[0]  # (G, m, k) x (G, k, n)
+            return 2 * batch * a_shape[-2] * a_shape[-1] * b_shape[-1]
+
+        mapping[grouped] = grouped_flop
     return mapping
 
 
@@ -301,7 +313,7 @@ def count_flops(fn: Callable[[], Any]) -> dict[str, Any]:
     """FLOPs of one call by torch.utils.flop_counter.FlopCounterMode.
 
     Counted: matmul/conv/SDPA families (one multiply-add = 2 FLOPs); the CPU flash-attention
-    kernel is added. Not counted: elementwise ops, normalisation, softmax outside SDPA,
+    kernel and torch's grouped matmul (the CDGC fast path's per-class products) are added. Not counted: elementwise ops, normalisation, softmax outside SDPA,
     pooling, interpolation, index/scatter ops (small next to the convolutions).
     Returns total and the top-level op names with their counts.
     """

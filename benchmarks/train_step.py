@@ -5,12 +5,15 @@
 
 One full step = forward, CDGCLoss (eq. 5; CE + 0.4 CE(aux) for torchvision), backward, SGD step.
 Cases, side by side in one run (their steps take turns, so machine noise hits all alike):
-- cdgc:        CDGCNet (ASPP + CDGC, graph "ds"), CDGC checkpointing off
+- cdgc:        CDGCNet (ASPP + CDGC, graph "ds", the model's defaults: queries "all", impl
+               "fast", cdgc_precision "split"), CDGC checkpointing off
 - cdgc_ckpt:   the same model object with CDGC checkpointing on
 - baseline:    the same backbone + ASPP without the CDGC module (context="none"; DeepLabV3-style)
 - cdgc_nchw:   the cdgc model object fed NCHW (contiguous) batches instead of channels-last
 - cdgc_compiled (--compile): CDGCNet with torch.compile on the backbone and ASPP (the
                compile happens in the warm-up steps, which are not timed)
+- cdgc_fp32, cdgc_graph_bf16 (CUDA only, where bf16 autocast makes the precision act): the CDGC
+               graph with cdgc_precision "fp32" and "autocast" (precision.py)
 - torchvision: torchvision deeplabv3_resnet101 (weights=None) at the same crop and batch, only
                when torchvision is importable (paper presets only: it is ResNet-101).
 Every case but cdgc_nchw gets channels-last input batches, as launch/trainer.py does
@@ -24,8 +27,11 @@ activations), with glibc's mmap threshold at 64 KiB; see benchmarks/common.py.
 
 FLOPs: torch.utils.flop_counter.FlopCounterMode over one step of each case (checkpointing off;
 model FLOPs, so the checkpoint recompute is not counted as useful work). It counts matmul,
-convolution and SDPA (the CPU flash-attention kernel added by common.count_flops); elementwise,
-BN, softmax outside SDPA, pooling, interpolation, index and scatter ops are not counted.
+convolution, SDPA and grouped matmul (the CDGC fast path's per-class products, added by
+common.count_flops); elementwise, BN, softmax, pooling, interpolation, index and scatter ops are
+not counted. The fast path's backward recomputes its forward chunks, and under bf16 autocast
+"split" runs its forward products over a 3x inner dimension: both counted as they run; the
+precision cases are given the cdgc case's count.
 
 Presets: cityscapes 769x769 (19 classes), voc 513x513 (21), cocostuff 520x520 (171), each
 ResNet-101 OS8 with 2 images per device; cpu: ResNet-50 at 257x257, batch 2, 19 classes, fp32;
@@ -56,6 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PAPER = ("cityscapes", "voc", "cocostuff")
 CASES = ("cdgc", "cdgc_ckpt", "baseline", "cdgc_nchw", "torchvision")
 SAME_MODEL = ("cdgc_ckpt", "cdgc_nchw")  # run on the cdgc case's model object
+PRECISION_CASES = {"cdgc_fp32": "fp32", "cdgc_graph_bf16": "autocast"}  # else the default
 
 
 def _has_torchvision() -> bool:
@@ -86,7 +93,7 @@ def build(case: str, p: dict[str, Any], device: torch.device) -> torch.nn.Module
             aspp_channels=p["aspp_channels"],
             context="none" if case == "baseline" else "cdgc",
             checkpoint=case == "cdgc_ckpt",
-            cdgc_precision="autocast" if case == "cdgc_graph_bf16" else "fp32",
+            cdgc_precision=PRECISION_CASES.get(case, "split"),
         )
         model = build_model(cfg)
         if case == "cdgc_compiled":  # the static-shape parts; CDGC's segments vary per step
@@ -165,8 +172,8 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> lis
     cases = [c for c in CASES if c != "torchvision"]
     if args.compile:
         cases.append("cdgc_compiled")
-    if device.type == "cuda":  # under bf16 autocast: the CDGC graph in bf16 instead of float32
-        cases.append("cdgc_graph_bf16")
+    if device.type == "cuda":  # under bf16 autocast: the other precisions of the CDGC graph
+        cases += list(PRECISION_CASES)
     if name in PAPER and _has_torchvision():
         cases.append("torchvision")
     skipped = {}
@@ -187,7 +194,7 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> lis
 
         steps[c] = step
     # The same model FLOPs as cdgc: checkpointing, layout and compilation change no model work.
-    same = (*SAME_MODEL, "cdgc_compiled")
+    same = (*SAME_MODEL, "cdgc_compiled", *PRECISION_CASES)
     flops = {c: common.count_flops(steps[c]) for c in cases if c not in same}
     for c in same:
         flops[c] = flops["cdgc"]
@@ -290,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         common.write_results(
             args.json, "train_step", argv, hw, rows, gpu_rows=common.gpu_rows(cuda),
-            flops_note="FlopCounterMode: matmul/conv/SDPA counted; elementwise, BN, softmax "
-            "outside SDPA, pooling, interpolation, index/scatter not counted",
+            flops_note="FlopCounterMode: matmul/conv/SDPA/grouped matmul counted; elementwise, BN, "
+            "softmax, pooling, interpolation, index/scatter not counted",
         )  # fmt: skip
     return 0
 

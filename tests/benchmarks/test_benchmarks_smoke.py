@@ -34,9 +34,9 @@ def test_train_step_smoke(tmp_path: Path) -> None:
         assert r["memory_status"] == "ok" and r["peak_mem_mb"] > 0
         assert r["gflop_per_step"] > 0
     assert rows["baseline"]["time_vs_baseline"] == 1.0
-    # The CDGC branch adds work: attention and the per-class convolutions are counted.
+    # The CDGC branch adds work: its products and per-class grouped products are counted.
     assert rows["cdgc"]["gflop_per_step"] > rows["baseline"]["gflop_per_step"]
-    assert any("attention" in op for op in rows["cdgc"]["flop_ops"])
+    assert "aten._grouped_mm" in rows["cdgc"]["flop_ops"]
     assert rows["torchvision"]["status"].startswith("skipped")
 
 
@@ -48,15 +48,17 @@ def test_cdgc_scaling_smoke(tmp_path: Path) -> None:
     data = _load(out)
     recs = data["records"]
     assert {(r["impl"], r["S"]) for r in recs} == {
-        (i, s) for i in ("dense", "segmented") for s in cdgc_scaling.SMOKE_SIDES
+        (i, s) for i in ("dense", "fast") for s in cdgc_scaling.SMOKE_SIDES
     }
     for r in recs:
         assert r["status"] == "ok", r
+        assert r["queries"] == "all"  # the model's default reading
         assert r["fwd_bwd_ms"] > 0 and r["peak_mem_mb"] >= 0
         # Every labelled pixel is in at least one node set; sum |V|^2 lies between T^2/M and T^2.
         assert r["T"] >= r["N"] * 0.8
         assert r["T"] ** 2 / r["M"] <= r["sum_V2"] <= r["T"] ** 2
-    assert {f["impl"] for f in data["fits"]} == {"dense", "segmented"}
+        assert r["N_T"] == r["N"] * r["T"]
+    assert {f["impl"] for f in data["fits"]} == {"dense", "fast"}
 
     # A dense budget of zero skips dense with the reason recorded.
     out2 = tmp_path / "scaling2.json"
@@ -104,6 +106,20 @@ def test_ohem_loss_smoke(tmp_path: Path) -> None:
     assert all(r["time_vs_gather"] > 0 for r in rows if r["impl"] == "masked")
 
 
+def test_cdgc_ops_smoke(tmp_path: Path) -> None:
+    from benchmarks import cdgc_ops
+
+    out = tmp_path / "ops.json"
+    args = ["--smoke", "--classes", "5", "40", "--iters", "1", "--json", str(out)]
+    assert cdgc_ops.main(args) == 0
+    data = _load(out)
+    rows = {(r["queries"], r["M"]): r for r in data["records"]}
+    assert set(rows) == {(q, m) for q in ("all", "members", "masked") for m in (5, 40)}
+    for q in ("all", "members", "masked"):
+        assert rows[q, 40]["ops"] == rows[q, 5]["ops"] > 0
+        assert rows[q, 40]["ops_vs_fewest_classes"] == 1.0 and rows[q, 5]["fwd_bwd_ms"] > 0
+
+
 def test_cdgc_module_smoke(tmp_path: Path) -> None:
     from benchmarks import cdgc_module
 
@@ -113,5 +129,6 @@ def test_cdgc_module_smoke(tmp_path: Path) -> None:
     assert [(r["impl"], r["checkpoint"]) for r in recs] == cdgc_module.VARIANTS
     for r in recs:
         assert r["status"] == "ok", r
+        assert (r["queries"], r["precision"]) == ("all", "split")  # the model's defaults
         assert r["fwd_bwd_ms"] > 0 and r["peak_mem_mb"] >= 0
         assert r["memberships_per_node"] >= 0.8

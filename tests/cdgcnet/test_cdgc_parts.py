@@ -1,11 +1,13 @@
-"""CDGCModule.node_parts (the eq. (4) parts behind the Fig. 4 pictures) and resize_target."""
+"""Node sets (cdgcnet/cdgc/nodes.py): CDGCModule.node_parts (the eq. (4) parts behind the Fig. 4
+pictures), memberships, resize_target and check_ratio."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cdgcnet.cdgc import CDGCModule, resize_target
+from cdgcnet.cdgc import CDGCModule, check_ratio, resize_target
+from cdgcnet.cdgc.nodes import Sampling, memberships
 
 
 def _inputs(seed: int = 0):
@@ -56,3 +58,23 @@ def test_resize_target_is_nearest_and_keeps_ids() -> None:
     assert torch.equal(resize_target(target, (4, 4)), target)  # already on the grid
     up = resize_target(target, (8, 8))
     assert torch.equal(up[0, ::2, ::2], target[0]) and up.unique().numel() == 16
+
+
+def test_memberships_of_plain_gcn_sim_and_ds() -> None:
+    coarse, target = _inputs()
+    shape = (2, 6, 8, torch.device("cpu"))
+    nodes, n_bad = memberships(None, None, None, shape)  # plain-GCN: one graph of every node
+    assert nodes.shape == (2, 1, 48) and nodes.all() and int(n_bad) == 0
+    nodes, n_bad = memberships(coarse, None, Sampling("sim"), shape)
+    assert torch.equal(nodes.sum(1), torch.ones(2, 48, dtype=torch.long)) and int(n_bad) == 0
+    bad = target.clone()
+    bad[0, 4:6, :6] = 9  # at label resolution: three grid pixels outside [0, 3), not ignored
+    nodes, n_bad = memberships(coarse, bad, Sampling("ds", 1.0), shape)
+    assert int(n_bad) == 3 and nodes.sum(1).max() == 2  # a pixel in two sets
+
+
+@pytest.mark.parametrize("ratio", [True, "0.5", -0.01, 1.01, None])
+def test_check_ratio_names_where(ratio) -> None:
+    assert check_ratio(0) == 0.0 and check_ratio(1) == 1.0 and check_ratio(0.25) == 0.25
+    with pytest.raises(ValueError, match=r"sweep\.ratio must be a number in \[0, 1\]"):
+        check_ratio(ratio, "sweep.ratio")

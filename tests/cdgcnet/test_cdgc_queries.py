@@ -1,4 +1,6 @@
-"""CDGC queries="all" (every node a query of every class graph): dense vs streamed, readings."""
+"""The three readings of section 3.3 (all_queries.py, members.py, masked.py): each against a
+pixel-by-pixel statement of itself, what each one's class maps look like, that they differ,
+and what autograd keeps for backward."""
 
 from __future__ import annotations
 
@@ -6,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdgcnet.cdgc import CDGCModule
+from cdgcnet.cdgc import IMPLS, QUERIES, CDGCModule
 from cdgcnet.config import ModelConfig
 from tests.cdgcnet.test_cdgc import (
-    CASES,
     C,
     M,
     _blob_labels,
@@ -20,100 +21,132 @@ from tests.cdgcnet.test_cdgc import (
 )
 
 
-def _assert_dense_and_streamed_agree(mod, x, coarse, target, atol=1e-10):
-    out_d, gx_d, gp_d = _run(mod, "dense", x, coarse, target)
-    out_s, gx_s, gp_s = _run(mod, "segmented", x, coarse, target)
-    torch.testing.assert_close(out_s, out_d, rtol=0, atol=atol)
-    torch.testing.assert_close(gx_s, gx_d, rtol=0, atol=atol)
-    for name, g in gp_d.items():
-        assert g is not None and gp_s[name] is not None, f"no gradient for {name}"
-        scale = max(1.0, g.abs().max())
-        torch.testing.assert_close(gp_s[name], g, rtol=0, atol=atol * scale, msg=name)
-    return out_d, gx_d, gp_d
-
-
-@pytest.mark.parametrize("checkpoint", [False, True])
-@pytest.mark.parametrize("name", CASES)
-def test_dense_and_streamed_agree(name, checkpoint):
-    kw, training, x, coarse, target = _case(name)
-    mod = _module(queries="all", checkpoint=checkpoint, **kw).train(training)
-    out, gx, grads = _assert_dense_and_streamed_agree(mod, x, coarse, target)
-    if name == "all_ignored":  # no key anywhere: every class context is zero, R = ReLU(BN(0))
-        assert gx.abs().max() == 0 and grads["graph_weight"].abs().max() == 0
-    else:
-        assert out.abs().sum() > 0 and gx.abs().sum() > 0  # the comparison is not vacuous
-
-
-def _reference(mod: CDGCModule, x: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-    """Eq. 1-3 with all queries, pixel by pixel and class by class: R before BN (B, C, H, W)."""
+def _loop_reference(mod: CDGCModule, x: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """Eq. 1-3 image by image and class by class, as each reading's docstring states it:
+    R before BN (B, C, H, W). nodes (B, M, H, W)."""
     b, c, h, w = x.shape
+    n = h * w
     w_graph = mod.graph_weight.view(M, c, c)
     w_agg = mod.aggregate_weight.view(c, M, c)
-    out = torch.zeros(b, h * w, c, dtype=x.dtype)
+    out = torch.zeros(b, n, c, dtype=x.dtype)
     for i in range(b):
         xf = x[i].flatten(1).t()  # (N, C)
+        q, k = mod.phi(xf), mod.phi_prime(xf)  # (N, C)
         for m in range(M):
-            keys = nodes[i, m].flatten().nonzero().squeeze(1)
-            if not len(keys):
+            member = nodes[i, m].flatten()  # (N,)
+            keys = member.nonzero().squeeze(1)
+            if not len(keys):  # no node of class m in this image: no context
                 continue
-            att = (mod.phi(xf) @ mod.phi_prime(xf[keys]).t()).softmax(-1)  # (N, |V_m|)
-            z = F.relu(att @ xf[keys] @ w_graph[m].t())  # (N, C), every row
-            out[i] += z @ w_agg[:, m].t()
+            scores = q @ k[keys].t()  # (N, |V_m|)
+            if mod.queries == "masked":
+                # the N - |V_m| zero features outside V_m are keys of score 0 and value 0
+                top = scores.amax(-1, keepdim=True).clamp_min(0.0)
+                e = (scores - top).exp()
+                total = e.sum(-1, keepdim=True) + (n - len(keys)) * (-top).exp()
+                ctx = e @ xf[keys] / total
+                ctx[~member] = xf[keys].sum(0) / n  # a zero query attends uniformly
+            else:
+                ctx = scores.softmax(-1) @ xf[keys]  # (N, C), every node a query
+                if mod.queries == "members":
+                    ctx[~member] = 0.0
+            out[i] += F.relu(ctx @ w_graph[m].t()) @ w_agg[:, m].t()
     return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("name", ["eval", "ds_ratio_1.0", "empty_class"])
-def test_streamed_matches_a_pixel_by_pixel_reference(name):
-    kw, training, x, coarse, target = _case(name)
-    mod = _module(queries="all", **kw).train(training)
-    nodes = mod.node_sets(coarse, target)
+def _pre_bn(mod: CDGCModule, x, coarse, target) -> torch.Tensor:
+    """The module's R before BN (B, C, H, W), with the seed _run uses."""
     captured = {}
-    mod.bn.register_forward_hook(lambda _m, inp, _o: captured.update(pre=inp[0]))
-    with torch.no_grad():
-        torch.manual_seed(7)
-        mod(x, coarse, target)
-        expected = _reference(mod, x, nodes)
-    torch.testing.assert_close(captured["pre"], expected, rtol=0, atol=1e-10)
-
-
-def _class_maps(mod: CDGCModule, x, coarse, target, monkeypatch) -> torch.Tensor:
-    """Norms (B, M, N) of the class contexts A_m X that the dense path feeds W_m (before ReLU,
-    so a zero is structural: a row that was not a query, not a ReLU that cut every channel)."""
-    captured = {}
-    conv2d = F.conv2d
-
-    def spy(inp, weight, *args, **kwargs):
-        if weight is mod.graph_weight:
-            captured["z"] = inp  # (B, M*C, H, W)
-        return conv2d(inp, weight, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(F, "conv2d", spy)
-        mod.impl = "dense"
+    handle = mod.bn.register_forward_hook(lambda _m, inp, _o: captured.update(pre=inp[0]))
+    try:
         torch.manual_seed(7)
         with torch.no_grad():
             mod(x, coarse, target)
-    z = captured["z"]
-    b, _, h, w = z.shape
-    return z.view(b, M, C, h * w).norm(dim=2)
+    finally:
+        handle.remove()
+    return captured["pre"]
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_all_queries_hide_membership_from_the_aggregation(training, monkeypatch):
-    """With queries="all" every pixel of an image gets the same set of non-zero class contexts
-    (the classes with keys in that image), so the layers after it cannot read a pixel's own
-    membership; with queries="members" the set follows each pixel's membership."""
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("queries", QUERIES)
+@pytest.mark.parametrize("name", ["eval", "ds_ratio_1.0", "empty_class", "pixel_in_two_sets"])
+def test_each_reading_matches_its_pixel_by_pixel_statement(name, queries, impl):
+    kw, training, x, coarse, target = _case(name)
+    mod = _module(queries=queries, impl=impl, **kw).train(training)
+    torch.manual_seed(7)
+    nodes = mod.node_sets(coarse, target)
+    with torch.no_grad():
+        expected = _loop_reference(mod, x, nodes)
+    torch.testing.assert_close(_pre_bn(mod, x, coarse, target), expected, rtol=0, atol=1e-10)
+
+
+def _class_maps(queries: str, impl: str, training: bool):
+    """A_m X_m of every class, read off the module: with W_m = I, x > 0 (so the ReLU keeps
+    everything) and the aggregation selecting class m alone, R before BN is A_m X_m.
+    Returns maps (B, M, N, C), node sets (B, M, N) and x as (B, N, C)."""
     kw, _, x, coarse, target = _case("ds_ratio_1.0")
-    for queries in ("all", "members"):
+    x = x.abs() + 0.1
+    mod = _module(queries=queries, impl=impl, **kw).train(training)
+    eye = torch.eye(C, dtype=torch.float64)
+    with torch.no_grad():
+        mod.graph_weight.copy_(eye.repeat(M, 1).view(M * C, C, 1, 1))
+    maps = []
+    for m in range(M):
+        agg = torch.zeros(C, M, C, dtype=torch.float64)
+        agg[:, m] = eye
+        with torch.no_grad():
+            mod.aggregate_weight.copy_(agg.view(C, M * C, 1, 1))
+        maps.append(_pre_bn(mod, x, coarse, target).flatten(2).transpose(1, 2))  # (B, N, C)
+    torch.manual_seed(7)
+    nodes = mod.node_sets(coarse, target).flatten(2)
+    return torch.stack(maps, 1), nodes, x.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("queries", QUERIES)
+def test_class_maps_follow_the_reading(queries, impl, training):
+    """ "members": a class map is non-zero exactly on V_m, so the layers after it can read a
+    pixel's membership (its label, with "ds"). "all" and "masked": every pixel of an image gets
+    a context from each class with nodes in that image, so they cannot."""
+    maps, nodes, _ = _class_maps(queries, impl, training)
+    nonzero = maps.abs().amax(-1) > 0  # (B, M, N)
+    has_keys = nodes.any(-1, keepdim=True).expand_as(nonzero)  # (B, M, N)
+    assert not torch.equal(nodes, has_keys)  # some class misses some node: not vacuous
+    if queries == "members":
+        assert torch.equal(nonzero, nodes)
+    else:
+        assert torch.equal(nonzero, has_keys)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_non_members_attend_uniformly(impl):
+    """ "masked": a node outside V_m has feature 0, so it scores 0 against every key and its
+    context is the mean over all N nodes of X_m: sum over V_m of x, divided by N. Members get a
+    softmax whose denominator counts the N - |V_m| zero keys, so they differ from "all"."""
+    maps, nodes, x = _class_maps("masked", impl, True)
+    n = x.shape[1]
+    uniform = torch.einsum("bmn,bnc->bmc", nodes.double(), x) / n  # (B, M, C)
+    outside = ~nodes & nodes.any(-1, keepdim=True)  # non-members of classes present
+    assert outside.sum() > 10
+    expected = uniform[:, :, None].expand_as(maps)
+    torch.testing.assert_close(maps[outside], expected[outside], rtol=0, atol=1e-12)
+    all_maps, _, _ = _class_maps("all", impl, True)
+    assert (maps[nodes] - all_maps[nodes]).abs().max() > 1e-3
+    # ... and members attend to members more than a uniform mean would
+    assert not torch.allclose(maps[nodes], expected[nodes])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_the_three_readings_differ(training):
+    kw, _, x, coarse, target = _case("ds_ratio_1.0")
+    outs = {}
+    for queries in QUERIES:
         mod = _module(queries=queries, **kw).train(training)
-        nonzero = _class_maps(mod, x, coarse, target, monkeypatch) > 0  # (B, M, N)
-        nodes = mod.node_sets(coarse, target).flatten(2)  # (B, M, N)
-        has_keys = nodes.any(-1, keepdim=True)  # (B, M, 1)
-        if queries == "all":
-            assert torch.equal(nonzero, has_keys.expand_as(nonzero))
-        else:
-            assert torch.equal(nonzero, nodes)
-            assert not torch.equal(nonzero, has_keys.expand_as(nonzero))
+        outs[queries] = _run(mod, "fast", x, coarse, target)
+    for a, b in (("all", "members"), ("all", "masked"), ("members", "masked")):
+        (out_a, gx_a, _), (out_b, gx_b, _) = outs[a], outs[b]
+        assert (out_a - out_b).abs().max() > 1e-2, (a, b)
+        assert (gx_a - gx_b).abs().max() > 1e-3, (a, b)
 
 
 def test_all_queries_at_inference_depend_on_membership_through_the_keys_only():
@@ -132,35 +165,30 @@ def test_all_queries_at_inference_depend_on_membership_through_the_keys_only():
     assert (members - out).abs().max() > 1e-3
 
 
-def test_plain_gcn_is_the_same_under_both_readings():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_plain_gcn_is_the_same_under_every_reading(impl):
     for name in ("plain_train", "plain_eval"):
         kw, training, x, coarse, target = _case(name)
         outs = [
-            _run(_module(queries=q, **kw).train(training), "segmented", x, coarse, target)[0]
-            for q in ("members", "all")
+            _run(_module(queries=q, **kw).train(training), impl, x, coarse, target)[0]
+            for q in QUERIES
         ]
-        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-
-
-def test_jagged_refuses_all_queries():
-    _, _, x, coarse, target = _case("ds_ratio_1.0")
-    mod = _module(queries="all", impl="jagged").train()
-    with pytest.raises(ValueError, match="impl='jagged' cannot run with queries='all'"):
-        mod(x, coarse, target)
-    with pytest.raises(ValueError, match="queries must be one of"):
-        CDGCModule(C, M, queries="some")
-    with pytest.raises(ValueError, match=r"ModelConfig\.queries must be one of"):
-        ModelConfig(queries="some")
-    with pytest.raises(ValueError, match="impl='jagged' cannot run queries='all'"):
-        ModelConfig(queries="all", impl="jagged")
+        for other in outs[1:]:
+            torch.testing.assert_close(other, outs[0], rtol=0, atol=0)
 
 
 def test_model_config_reaches_the_module():
     from cdgcnet.model import CDGCNet
 
-    cfg = ModelConfig(num_classes=3, depth=18, channels=8, aspp_channels=8, queries="all")
-    assert CDGCNet(cfg).context.queries == "all"
-    assert CDGCNet(cfg.replace(queries="members")).context.queries == "members"
+    cfg = ModelConfig(num_classes=3, depth=18, channels=8, aspp_channels=8)
+    module = CDGCNet(cfg).context
+    assert (module.queries, module.impl, module.precision) == ("all", "fast", "split")
+    for queries in QUERIES:
+        assert CDGCNet(cfg.replace(queries=queries)).context.queries == queries
+    module = CDGCNet(cfg.replace(impl="dense", cdgc_precision="fp32", checkpoint=True)).context
+    assert (module.impl, module.precision, module.checkpoint) == ("dense", "fp32", True)
+    assert CDGCNet(cfg.replace(impl="jagged")).context.impl == "fast"
+    assert not CDGCNet(cfg.replace(context="plain_gcn")).context.class_wise
 
 
 def _saved_bytes(mod: CDGCModule, x, coarse, target) -> int:
@@ -176,17 +204,22 @@ def _saved_bytes(mod: CDGCModule, x, coarse, target) -> int:
     return sum(storages.values())
 
 
-def test_checkpoint_keeps_less_for_backward_and_not_per_class():
-    b, h, w, c, m = 2, 12, 12, 16, 8
+@pytest.mark.parametrize("queries", QUERIES)
+def test_what_is_kept_for_backward_does_not_grow_per_class(queries):
+    # The fast path keeps q, k, v and per (class, query) softmax statistics; no (B, N, C) map per
+    # class. Checkpointed, it keeps the module's input and BN's, whatever M.
+    b, h, w, c = 2, 12, 12, 16
     x = torch.randn(b, c, h, w)
-    labels = _blob_labels(b, h, w, m)
-    coarse = _coarse_from_labels(labels, m).float()
+    per_map = b * h * w * c * 4  # one (B, N, C) fp32 tensor
     saved = {}
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        mod = CDGCModule(c, m, graph="sim", queries="all", checkpoint=ckpt).train()
-        saved[ckpt] = _saved_bytes(mod, x, coarse, labels)
-    per_class_map = b * h * w * c * 4  # one (B, N, C) fp32 tensor
-    classes = int(labels.unique().numel())
-    assert saved[False] > 2 * classes * per_class_map  # SDPA output and ReLU output per class
-    assert saved[True] < 8 * per_class_map < saved[False] / 2  # inputs only, whatever M
+    for m in (4, 32):
+        labels = _blob_labels(b, h, w, m)
+        coarse = _coarse_from_labels(labels, m).float()
+        for ckpt in (False, True):
+            torch.manual_seed(0)
+            mod = CDGCModule(c, m, graph="sim", queries=queries, checkpoint=ckpt).train()
+            saved[m, ckpt] = _saved_bytes(mod, x, coarse, labels)
+        assert labels.unique().numel() >= min(m, 16)
+    weights = 2 * (32 - 4) * c * c * 4  # W_m and the aggregation's columns of 28 more classes
+    assert saved[32, False] - saved[4, False] < weights + per_map
+    assert saved[32, True] == saved[4, True] < 4 * per_map < saved[4, False] / 2

@@ -13,6 +13,12 @@ def test_defaults_are_the_paper_model():
         "ds",
     )
     assert (cfg.channels, cfg.fusion, cfg.ratio, cfg.num_classes) == (512, "concat", 1.0, 19)
+    assert (cfg.queries, cfg.impl, cfg.cdgc_precision, cfg.checkpoint) == (
+        "all",
+        "fast",
+        "split",
+        False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -47,7 +53,9 @@ def test_unknown_preset():
         ("context", "nonlocal", "context must be one of"),
         ("graph", "knn", "graph must be one of"),
         ("fusion", "mul", "fusion must be one of"),
-        ("impl", "fast", "impl must be one of"),
+        ("impl", "sparse", "impl must be one of"),
+        ("cdgc_precision", "bf16", "cdgc_precision must be one of"),
+        ("queries", "some", "queries must be one of"),
         ("ratio", 1.5, r"ratio must be a number in \[0, 1\]"),
         ("ratio", "high", "ratio must be a number"),
         ("parts", ("easy", "medium"), "parts must be distinct names"),
@@ -73,7 +81,14 @@ def test_lists_from_yaml_become_tuples_and_replace_validates():
         cfg.replace(fusion="max")
 
 
-def test_jagged_with_checkpoint_is_refused():
-    assert ModelConfig(impl="jagged", queries="members").impl == "jagged"
-    with pytest.raises(ValueError, match=r"ModelConfig.impl='jagged' cannot be checkpointed"):
-        ModelConfig(impl="jagged", checkpoint=True, queries="members")
+@pytest.mark.parametrize("impl", ["fast", "dense", "segmented", "jagged"])
+@pytest.mark.parametrize("queries", ["all", "members", "masked"])
+def test_every_impl_takes_every_reading_and_checkpointing(impl, queries):
+    # "segmented" and "jagged" (earlier fast paths, in stored configs) read as "fast".
+    cfg = ModelConfig(impl=impl, queries=queries, checkpoint=True)
+    assert (cfg.impl, cfg.queries) == ("dense" if impl == "dense" else "fast", queries)
+
+
+@pytest.mark.parametrize("precision", ["split", "fp32", "autocast"])
+def test_every_cdgc_precision_is_accepted(precision):
+    assert ModelConfig(cdgc_precision=precision).cdgc_precision == precision

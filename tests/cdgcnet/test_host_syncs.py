@@ -87,20 +87,50 @@ def _setup(**model_kw):
     return model, images, target
 
 
-PLAN_SYNC = [("tolist", "cdgcnet/cdgc.py:_plan")]
+LAYOUT_SYNC = [("tolist", "cdgcnet/cdgc/layout.py:build_layout")]
 
 
 @pytest.mark.parametrize(
     "model_kw",
-    [{}, {"checkpoint": True}, {"graph": "sim"}, {"fusion": "sum", "aux": False}],
-    ids=["ds", "ds-checkpointed", "sim", "sum-no-aux"],
+    [
+        {},
+        {"checkpoint": True},
+        {"graph": "sim"},
+        {"fusion": "sum", "aux": False},
+        {"queries": "members"},
+        {"queries": "masked"},
+    ],
+    ids=["ds", "ds-checkpointed", "sim", "sum-no-aux", "members", "masked"],
 )
-def test_training_step_syncs_once_in_the_cdgc_plan(model_kw):
+def test_training_step_syncs_once_in_the_cdgc_layout(model_kw):
     # OHEM's min_kept below and above the hard count both run the same ops.
     for min_kept in (10, 5000):
         model, images, target = _setup(**model_kw)
         criterion = CDGCLoss(ohem_min_kept=min_kept, check_labels=False)
-        assert record_syncs(_step, model, criterion, images, target) == PLAN_SYNC
+        assert record_syncs(_step, model, criterion, images, target) == LAYOUT_SYNC
+
+
+@pytest.mark.parametrize("precision", ["split", "fp32", "autocast"])
+def test_cdgc_under_bf16_autocast_syncs_once_in_every_precision(precision):
+    # The precision policies act under autocast only; none adds a read.
+    model, images, target = _setup(cdgc_precision=precision)
+    criterion = CDGCLoss(ohem_min_kept=10, check_labels=False)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = model(images, target)
+            loss, _ = criterion(outputs, target)
+        loss.backward()
+
+    assert record_syncs(step) == LAYOUT_SYNC
+
+
+def test_dense_reads_the_bad_label_count_instead():
+    # impl="dense" builds no layout; its one read is the bad-label count.
+    model, images, target = _setup(impl="dense")
+    criterion = CDGCLoss(ohem_min_kept=10, check_labels=False)
+    log = record_syncs(_step, model, criterion, images, target)
+    assert log == [("__int__", "cdgcnet/cdgc/module.py:forward")]
 
 
 def test_the_recorder_sees_label_checks_and_boolean_indexing():
@@ -108,15 +138,15 @@ def test_the_recorder_sees_label_checks_and_boolean_indexing():
     model, images, target = _setup()
     criterion = CDGCLoss(ohem_min_kept=10, check_labels=True)
     log = record_syncs(_step, model, criterion, images, target)
-    assert log == [*PLAN_SYNC, ("__bool__", "cdgcnet/losses.py:validate_labels")]
+    assert log == [*LAYOUT_SYNC, ("__bool__", "cdgcnet/losses.py:validate_labels")]
     x = torch.randn(10)
     assert record_syncs(x.__getitem__, x > 0) == [("index", "outside the project")]
 
 
-def test_plain_gcn_and_baseline_steps_sync_only_for_the_plan():
+def test_plain_gcn_and_baseline_steps_sync_only_for_the_layout():
     model, images, target = _setup(context="plain_gcn")
     criterion = CDGCLoss(ohem_min_kept=10, check_labels=False)
-    assert record_syncs(_step, model, criterion, images, target) == PLAN_SYNC
+    assert record_syncs(_step, model, criterion, images, target) == LAYOUT_SYNC
     model, images, target = _setup(context="none")
     assert record_syncs(_step, model, criterion, images, target) == []
 

@@ -1,6 +1,6 @@
 """The GPU check of the whole project in one command that fits one short GPU lease.
 
-    python3 benchmarks/gpu_lease.py --out DIR [--budget-s 480] [--wheels .whl] [--only STAGE ...]
+    python3 benchmarks/gpu_lease.py --out DIR [--budget-s 560] [--wheels .whl] [--only STAGE ...]
         [--set KEY=VALUE ...] [--variant "KEY=VALUE ..." ...]    # trainer config overrides
     python3 benchmarks/gpu_lease.py --dry-run --out DIR       # CPU, tiny sizes, fp32 (a test runs it)
     python3 benchmarks/gpu_lease.py --build-wheels [DIR]      # what `make gpu-wheels` runs
@@ -12,7 +12,12 @@ time limit inside the overall budget:
 
 1. env         torch, CUDA, cuDNN, GPU, driver; which carried wheels were installed
 2. gpu_tests   pytest -m gpu tests/cdgcnet (per-test timeout where pytest-timeout exists)
-3. trainer     launch/train.py through its command line: DeepSpeed ZeRO-2, bf16, CDGC
+3. cdgc        the CDGC module alone, forward + backward under bf16 autocast, at the presets'
+               feature grids (97x97 M=19, 65x65 M=21, 65x65 M=171; B=2, C=512) and, at the
+               Cityscapes grid, the other precisions and readings: time, model FLOP/s against
+               a bf16 matmul peak measured here, peak memory, top kernels, warnings (a Triton or
+               grouped-kernel fallback says so); the two block-max kernels timed
+4. trainer     launch/train.py through its command line: DeepSpeed ZeRO-2, bf16, CDGC
                checkpointing, ResNet-101 at the Cityscapes preset (769x769, 2 images, 19
                classes) on a generated Cityscapes-layout set packed on the spot, MLflow off;
                per-iteration times, peak memory, losses, a torch.profiler breakdown of 3
@@ -22,11 +27,8 @@ time limit inside the overall budget:
                overrides go to every run; each `--variant` is one configuration (its
                overrides on top of --set) measured this way, one after another on the
                generated data
-4. train_step  CDGCNet, CDGCNet with CDGC checkpointing, the same net without CDGC and
-               torchvision's deeplabv3_resnet101 at the Cityscapes preset; images/s, peak
-               memory, model FLOP/s against a bf16 matmul peak measured here
-5. sdpa        which SDPA kernels the segmented and jagged CDGC paths run at C=512 and C=64
-               (profiler names) and their forward+backward time at the Cityscapes shape
+5. train_step  CDGCNet, the same net without CDGC, and CDGCNet with its graph in float32 at the
+               Cityscapes preset; images/s, peak memory, model FLOP/s
 6. extras      (time permitting) the VOC and COCO-Stuff presets; inference whole / sliding
                window at 1024x2048
 
@@ -69,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = "lease.json"
 LOG = "lease.log"
-STAGES = ("env", "gpu_tests", "trainer", "train_step", "sdpa", "extras")
+STAGES = ("env", "gpu_tests", "cdgc", "trainer", "train_step", "extras")
 ABSENT = ("mlflow", "ray")  # not on the GPU image; hidden in every stage so the dry run sees it too
 WHEEL_DIR = ROOT / ".whl"
 # What the GPU image lacks for launch/ and pipeline/ (DeepSpeed, WebDataset and their needs),
@@ -102,15 +104,15 @@ class Sizes:
     synth_size: tuple[int, int]  # (width, height) of the generated Cityscapes images
     synth_train: int
     synth_val: int
-    sdpa_shape: str  # benchmarks/cdgc_module.py shape list and index: "CUDA_SHAPES:0"
-    sdpa_widths: tuple[int, int]
+    cdgc_cases: tuple[dict[str, Any], ...]  # the module alone: B, C, side, M, queries, precision
+    block_max_shape: tuple[int, int, int]  # (T, n, K') of one chunk's block max
     inference_args: tuple[str, ...]  # benchmarks/inference.py arguments
 
 
 GPU = Sizes(
     label="gpu",
-    budget_s=480.0,
-    stage_caps_s=dict(env=60, gpu_tests=150, trainer=240, train_step=120, sdpa=60, extras=240),
+    budget_s=560.0,  # a 600 s command: room for the wheels' install and the last record
+    stage_caps_s=dict(env=40, gpu_tests=100, cdgc=75, trainer=200, train_step=75, extras=120),
     matmul_n=8192,
     train_preset="cityscapes",
     extra_presets=("voc", "cocostuff"),
@@ -125,14 +127,24 @@ GPU = Sizes(
     synth_size=(2048, 1024),
     synth_train=48,  # more than the 2 x 20 crops of the run: one loader epoch, no restart
     synth_val=2,
-    sdpa_shape="CUDA_SHAPES:0",
-    sdpa_widths=(512, 64),
+    cdgc_cases=(
+        # the presets' feature grids (crop / 8), B=2, C=512, the default model
+        dict(B=2, C=512, side=97, M=19, queries="all", precision="split"),
+        dict(B=2, C=512, side=65, M=21, queries="all", precision="split"),
+        dict(B=2, C=512, side=65, M=171, queries="all", precision="split"),
+        # the other precisions and readings at the cityscapes shape
+        dict(B=2, C=512, side=97, M=19, queries="all", precision="fp32"),
+        dict(B=2, C=512, side=97, M=19, queries="all", precision="autocast"),
+        dict(B=2, C=512, side=97, M=19, queries="members", precision="split"),
+        dict(B=2, C=512, side=97, M=19, queries="masked", precision="split"),
+    ),
+    block_max_shape=(18818, 1664, 19),
     inference_args=("--setting", "paper", "--cases", "whole", "slide", "--iters", "3"),
 )
 DRY = Sizes(
     label="dry run (CPU, tiny sizes: the figures mean nothing)",
     budget_s=600.0,  # about a minute on an idle 2-core machine; room for a busy one
-    stage_caps_s=dict(env=60, gpu_tests=120, trainer=300, train_step=120, sdpa=90, extras=120),
+    stage_caps_s=dict(env=60, gpu_tests=120, cdgc=90, trainer=300, train_step=120, extras=120),
     matmul_n=256,
     train_preset="smoke",
     extra_presets=("smoke",),
@@ -154,8 +166,11 @@ DRY = Sizes(
     synth_size=(256, 128),
     synth_train=8,
     synth_val=1,
-    sdpa_shape="SMOKE_SHAPES:0",
-    sdpa_widths=(32, 16),
+    cdgc_cases=(
+        dict(B=2, C=32, side=9, M=5, queries="all", precision="split"),
+        dict(B=2, C=32, side=9, M=5, queries="members", precision="split"),
+    ),
+    block_max_shape=(162, 88, 5),
     inference_args=("--smoke", "--cases", "whole", "slide", "--iters", "1", "--device", "cpu"),
 )
 
@@ -934,8 +949,8 @@ def stage_train_step(ctx: Ctx) -> None:
     device = _device()
     peak = matmul_peak_tflops(device, ctx.sizes.matmul_n)
     record(ctx.out, "train_step", {"matmul_peak": peak})
-    # cdgc_graph_bf16: the cost of the float32 CDGC graph (the default) is cdgc vs this case
-    cases = ("cdgc", "cdgc_ckpt", "baseline", "torchvision", "cdgc_graph_bf16")
+    # cdgc_fp32: what the split precision (the default) saves over a float32 graph
+    cases = ("cdgc", "baseline", "cdgc_fp32")
     measure_train_step(
         ctx,
         ctx.sizes.train_preset,
@@ -945,113 +960,150 @@ def stage_train_step(ctx: Ctx) -> None:
     )
 
 
-# ----------------------------------------------------------------------------- 5. sdpa
-
-_BACKENDS = (
-    ("flash_attention_for_cpu", "cpu_flash"),
-    ("_flash_attention", "flash"),
-    ("_efficient_attention", "efficient"),
-    ("_cudnn_attention", "cudnn"),
-    ("_attention_math", "math"),
-)
+# ----------------------------------------------------------------------------- 5. cdgc
 
 
-def sdpa_backends(op_names: Sequence[str]) -> list[str]:
-    """The SDPA backends named by profiler op names (each op counts for its first match)."""
-    found = []
-    for op in op_names:
-        name = next((name for needle, name in _BACKENDS if needle in op), None)
-        if name is not None and name not in found:
-            found.append(name)
-    return sorted(found)
+def cdgc_model_gflop(nodes: Any, channels: int) -> float:
+    """Model GFLOP of one CDGC forward + backward (backward = 2 x forward), from the node sets
+    (B, G, H, W): per image N queries, T keys, K' classes present; the forward's products are
+    q and k (2 N C^2 each), V' (T C^2), S and P V' (N T C each) and the aggregation (N K' C^2),
+    2 FLOPs per multiply-add. The split precision's extra terms and the backward's recompute are
+    not useful work and not counted."""
+    b, _, h, w = nodes.shape
+    n, c = h * w, channels
+    total = 0.0
+    for image in nodes.view(b, nodes.shape[1], n):
+        t = int(image.sum())
+        k = int(image.any(1).sum())
+        total += 2 * (2 * n * c * c + t * c * c + 2 * n * t * c + n * k * c * c)
+    return 3 * total / 1e9
 
 
-# (impl, queries, precision): the two segment kernels of the "members" reading, the default model
-# ("all" queries, graph in float32 under autocast), and its graph in bf16.
-SDPA_CASES = (
-    ("segmented", "members", "fp32"),
-    ("jagged", "members", "fp32"),
-    ("segmented", "all", "fp32"),
-    ("segmented", "all", "autocast"),
-)
+def cdgc_inputs(b: int, c: int, side: int, m: int, device: Any) -> tuple[Any, Any, Any]:
+    """X after a BN + ReLU in bf16 (as the network gives it), smooth random coarse logits and a
+    target that disagrees with them in places (so hard negatives and positives exist)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(b, m, 6, 6, generator=g)
+    coarse = 4.0 * F.interpolate(low, size=(side, side), mode="bilinear")
+    noisy = low + 0.5 * torch.randn(low.shape, generator=g)
+    target = F.interpolate(noisy, size=(side, side), mode="bilinear").argmax(1)
+    x = torch.relu(torch.randn(b, c, side, side, generator=g)).bfloat16()
+    return x.to(device), coarse.to(device), target.to(device)
 
 
-def stage_sdpa(ctx: Ctx) -> None:
+def block_max_ms(device: Any, t: int, n: int, k: int, iters: int) -> dict[str, float]:
+    """The two ways to take a max over each class's key block of S (T, n): torch.segment_reduce
+    (what the fast path uses on CUDA) and scatter_reduce amax (what it uses on CPU)."""
+    import torch
+
+    from benchmarks import common
+
+    s = torch.randn(t, n, device=device)
+    lengths = torch.full((k,), t // k, device=device)
+    lengths[-1] += t - int(lengths.sum())
+    cls = torch.repeat_interleave(torch.arange(k, device=device), lengths)
+    index = cls[:, None].expand(t, n)
+
+    def seg() -> None:
+        torch.segment_reduce(s, "max", lengths=lengths, axis=0)
+
+    def scatter() -> None:
+        s.new_full((k, n), float("-inf")).scatter_reduce_(0, index, s, "amax")
+
+    out = {}
+    for name, fn in (("segment_reduce", seg), ("scatter_reduce", scatter)):
+        fn()
+        out[name] = round(statistics.median(common.time_call(fn, device) for _ in range(iters)), 3)
+    return out
+
+
+def stage_cdgc(ctx: Ctx) -> None:
+    """The CDGC module alone, forward + backward under bf16 autocast, at the presets' shapes."""
+    import warnings
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks import cdgc_module, common, step_profile
-    from cdgcnet.cdgc import CDGCModule
+    from benchmarks import common, step_profile
+    from cdgcnet.cdgc import CDGCModule, triton_blocks
 
     device = _device()
     cuda = device.type == "cuda"
-    shapes, index = ctx.sizes.sdpa_shape.split(":")
-    shape = getattr(cdgc_module, shapes)[int(index)]
+    peak = matmul_peak_tflops(device, ctx.sizes.matmul_n)
+    record(ctx.out, "cdgc", {"matmul_peak": peak, "triton": triton_blocks.blocks is not None})
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    rows = []
-    for width in ctx.sizes.sdpa_widths:
-        x, coarse, target = cdgc_module._inputs(
-            shape["B"], width, shape["H"], shape["W"], shape["M"], device
-        )
-        for impl, queries, precision in SDPA_CASES:
-            torch.manual_seed(0)
-            mod = CDGCModule(
-                width, shape["M"], graph="ds", ratio=1.0, impl=impl, queries=queries,
-                precision=precision,
-            ).to(device)  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for case in ctx.sizes.cdgc_cases:
+        row: dict[str, Any] = dict(case)
+        if ctx.left() < 10:
+            rows.append({**row, "status": "skipped: stage time used up"})
+            record(ctx.out, "cdgc", {"records": rows})
+            continue
+        x, coarse, target = cdgc_inputs(case["B"], case["C"], case["side"], case["M"], device)
+        torch.manual_seed(0)
+        mod = CDGCModule(
+            case["C"], case["M"], graph="ds", ratio=1.0, queries=case["queries"],
+            precision=case["precision"],
+        ).to(device).train()  # fmt: skip
+        nodes = mod.node_sets(coarse, target)
+        x.requires_grad_(True)
 
-            def step(mod: CDGCModule = mod, inputs: tuple = (x, coarse, target)) -> None:
-                mod.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    out = mod(*inputs)
-                out.float().square().mean().backward()
+        def step(mod: CDGCModule = mod, inputs: tuple = (x, coarse, target)) -> None:
+            mod.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out = mod(*inputs)
+            out.float().square().mean().backward()
 
-            row: dict[str, Any] = dict(
-                impl=impl, queries=queries, precision=precision, C=width,
-                **{k: shape[k] for k in "BHWM"},
-            )  # fmt: skip
-            try:
+        try:
+            with warnings.catch_warnings(record=True) as caught, common.PeakMemory(device) as mem:
+                warnings.simplefilter("always")
                 for _ in range(2):
                     step()
                 times = [common.time_call(step, device) for _ in range(ctx.sizes.step_iters)]
-                with profile(activities=activities) as prof:
-                    step()
-                    common.sync(device)
-            except (RuntimeError, NotImplementedError) as exc:  # e.g. no kernel takes the shape
-                row["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
-                rows.append(row)
-                record(ctx.out, "sdpa", {"records": rows})
-                continue
-            events = prof.key_averages()
-            ops = sorted({e.key for e in events if "attention" in e.key.lower()})
-            kernels = step_profile.device_ops(events)
-            attn = [
-                e for e in kernels
-                if re.search(r"fmha|flash|attention|attn|cutlass", e.key, re.IGNORECASE)
-            ]  # fmt: skip
-            row.update(
-                status="ok",
-                dtype="bf16 autocast" if cuda else "fp32",
-                fwd_bwd_ms=common.summary(times)["median_ms"],
-                sdpa_ops=ops,
-                sdpa_backends=sdpa_backends(ops),
-                attention_kernels=[
-                    {
-                        "name": e.key[:200],
-                        "calls": e.count,
-                        "ms": round(e.self_device_time_total / 1e3, 3),
-                    }
-                    for e in attn
-                ],
-                attention_kernel_ms=round(sum(e.self_device_time_total for e in attn) / 1e3, 3),
-                top_kernels=[
-                    {"name": e.key[:120], "ms": round(e.self_device_time_total / 1e3, 3)}
-                    for e in kernels[:8]
-                ],
-            )
+            with profile(activities=activities) as prof:
+                step()
+                common.sync(device)
+        except (RuntimeError, NotImplementedError) as exc:
+            row["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
             rows.append(row)
-            record(ctx.out, "sdpa", {"records": rows})
-    record(ctx.out, "sdpa", {"note": "" if cuda else "CPU: no device kernels; ops only"})
+            record(ctx.out, "cdgc", {"records": rows})
+            continue
+        events = prof.key_averages()
+        kernels = step_profile.device_ops(events)
+        ms = common.summary(times)["median_ms"]
+        gflop = cdgc_model_gflop(nodes, case["C"])
+        tflops = gflop / ms  # GFLOP per ms = TFLOP/s
+        row.update(
+            status="ok",
+            dtype="bf16 autocast" if cuda else "fp32",
+            fwd_bwd_ms=ms,
+            keys_per_image=[int(n.sum()) for n in nodes],
+            classes_per_image=[int(n.flatten(1).any(1).sum()) for n in nodes],
+            model_gflop=round(gflop, 2),
+            achieved_tflops=round(tflops, 2),
+            fraction_of_matmul_peak=round(tflops / peak["tflops"], 4),
+            peak_mem_mb=round(mem.absolute_peak_mb if cuda else mem.peak_mb, 1),
+            kernels=sum(e.count for e in kernels),
+            warnings=sorted({str(w.message)[:200] for w in caught}),
+            top_kernels=[
+                {
+                    "name": e.key[:120],
+                    "calls": e.count,
+                    "ms": round(e.self_device_time_total / 1e3, 3),
+                }
+                for e in kernels[:10]
+            ],
+        )
+        rows.append(row)
+        record(ctx.out, "cdgc", {"records": rows})
+        mod = step = None
+    if ctx.left() > 5:
+        t, n, k = ctx.sizes.block_max_shape
+        record(ctx.out, "cdgc", {"block_max_ms": block_max_ms(device, t, n, k, 10)})
+    record(ctx.out, "cdgc", {"triton_available_after": triton_blocks.available()})
 
 
 # ----------------------------------------------------------------------------- 6. extras
@@ -1084,7 +1136,7 @@ STAGE_FUNCS: dict[str, Callable[[Ctx], None]] = {
     "gpu_tests": stage_gpu_tests,
     "trainer": stage_trainer,
     "train_step": stage_train_step,
-    "sdpa": stage_sdpa,
+    "cdgc": stage_cdgc,
     "extras": stage_extras,
 }
 
@@ -1290,10 +1342,11 @@ def print_summary(out: Path) -> None:
             f"x{r.get('time_vs_baseline')} t / x{r.get('mem_vs_baseline')} mem vs baseline, "
             f"x{r.get('time_vs_torchvision')} t vs torchvision"
         )
-    for r in st.get("sdpa", {}).get("records", []):
+    for r in st.get("cdgc", {}).get("records", []):
         lines.append(
-            f"sdpa {r['impl']} C={r['C']}: {r.get('status')} {r.get('fwd_bwd_ms')} ms, "
-            f"backends {r.get('sdpa_backends')}, attention kernels {r.get('attention_kernel_ms')} ms"
+            f"cdgc {r['side']}x{r['side']} M={r['M']} {r['queries']} {r['precision']}: "
+            f"{r.get('status')} {r.get('fwd_bwd_ms')} ms, {r.get('achieved_tflops')} TFLOP/s "
+            f"({r.get('fraction_of_matmul_peak')} of peak), {r.get('peak_mem_mb')} MB"
         )
     for name in STAGES:
         lines.append(f"stage {name}: {st.get(name, {}).get('status')}")
@@ -1308,7 +1361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", help="where lease.json and lease.log go (on the GPU machine: $OUT)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, fp32")
-    ap.add_argument("--budget-s", type=float, default=None, help="whole run (GPU 480, dry 600)")
+    ap.add_argument("--budget-s", type=float, default=None, help="whole run (GPU 560, dry 600)")
     ap.add_argument("--only", nargs="+", choices=STAGES, help="run these stages only")
     ap.add_argument("--wheels", default=str(WHEEL_DIR), help="wheel folder (default .whl)")
     ap.add_argument(

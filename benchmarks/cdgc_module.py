@@ -289,7 +289,7 @@ def _errors() -> list[dict]:
                 rows.append(dict(queries=queries, phi_scale=sharpen, precision=precision))
                 rows[-1].update({f"{k}_pct": round(100 * v, 2) for k, v in errs.items()})
                 print(f"{queries:>8} x{sharpen} {precision:>8}: " + ", ".join(
-                    f"{k} {v:.2f}%" for k, v in errs.items()
+                    f"{k} {100 * v:.2f}%" for k, v in errs.items()
                 ), flush=True)  # fmt: skip
     return rows
 

@@ -196,10 +196,14 @@ class CDGCModule(nn.Module):
         self._raise_bad_labels(int(n_bad))
         return {name: part.view(b, m, h, w) for name, part in parts.items()}
 
+    def _uses_target(self) -> bool:
+        """Whether forward draws the node sets from the target (dynamic sampling in training)."""
+        return self.class_wise and self.training and self.graph == "ds"
+
     def _memberships(self, coarse_logits, target, shape) -> tuple[Tensor, Tensor]:
         if not self.class_wise:
             return memberships(None, None, None, shape)
-        uses_target = self.training and self.graph == "ds"
+        uses_target = self._uses_target()
         if uses_target and target is None:
             raise _error(
                 "graph='ds' in training needs the target (dynamic sampling uses the ground "

@@ -30,12 +30,14 @@ about ``budget`` bytes of temporaries (at least 8 queries).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cdgcnet.cdgc import triton_blocks
 from cdgcnet.cdgc.layout import ImageKeys
 from cdgcnet.cdgc.precision import (
     Precision,
@@ -47,7 +49,7 @@ from cdgcnet.cdgc.precision import (
     right_t,
 )
 
-DEFAULT_BUDGET = 1 << 30  # bytes of per-chunk temporaries
+DEFAULT_BUDGET = 2 << 30  # bytes of per-chunk temporaries
 
 
 class Reading:
@@ -57,6 +59,8 @@ class Reading:
 
     name = "base"
     uses_membership = False  # whether the hooks read member (K', N): [node in V_m]
+
+    masks_scores = False  # whether mask_scores multiplies by the membership
 
     def mask_scores(self, s: Tensor, member_rows: Tensor | None) -> Tensor:
         """S (T, n) given [query in V_m of the key's class] (T, n)."""
@@ -149,8 +153,8 @@ class _Image:
 
     def block_max(self, s: Tensor) -> Tensor:
         """mu (K', n): the max of S over each class block (and 0 where zero keys count)."""
-        if s.is_cuda:
-            mu = torch.segment_reduce(s, "max", lengths=self.lengths, axis=0)
+        if s.is_cuda:  # unsafe: no check of the lengths, which would read them on the host
+            mu = torch.segment_reduce(s, "max", lengths=self.lengths, axis=0, unsafe=True)
         else:  # CPU: scatter is many times faster than segment_reduce here
             index = self.keys.key_class[:, None].expand_as(s)
             mu = s.new_full((len(self.keys.ends), s.shape[1]), float("-inf"))
@@ -159,10 +163,35 @@ class _Image:
             mu = torch.where(self.missing > 0, mu.clamp_min(0.0), mu)
         return mu
 
-    def contexts(self, e: Tensor) -> Tensor:
-        """[U; l] (K', C+8, n): the per-class sums of v and of 1 weighted by E (T, n)."""
+    def contexts(self, s: Tensor, mu: Tensor) -> Tensor:
+        """[U; l] (K', C+8, n): the per-class sums of v and of 1 weighted by
+        E = exp(S - mu[class]) (T, n); S is left as it is."""
         keys = self.keys
+        if self.fused and self.policy.forward == "split":
+            with contextlib.suppress(triton_blocks.Unavailable):
+                return triton_blocks.blocks(self.v1[:, :-8], s, mu, keys.offsets, self.v1.shape[1])
+        e = torch.exp(s - mu.index_select(0, keys.key_class))  # (T, n)
         return block_sums(self.v1, e, keys.offsets, keys.ends, self.policy.forward)
+
+    def softmax_grad(self, s, dp, mu, sums, d, cols) -> tuple[Tensor, Tensor]:
+        """P = E / l[class] and dS = P (dP - D[class]) (T, n), masked as the reading's scores
+        are: the softmax backward, given S, dP (T, n) and mu, l, D (K', n)."""
+        cls = self.keys.key_class
+        member = None if self.member is None else self.member[:, cols]
+        if self.fused and self.policy.backward == "bf16":
+            masks = member if self.reading.masks_scores else None
+            with contextlib.suppress(triton_blocks.Unavailable):
+                return triton_blocks.softmax_grad(
+                    s, dp, cls, mu.contiguous(), sums.contiguous(), d.contiguous(), masks
+                )
+        p = torch.exp(s - mu.index_select(0, cls)).div_(sums.index_select(0, cls))
+        ds = p * (dp - d.index_select(0, cls))
+        return p, self.reading.mask_scores(ds, self.member_rows(cols))
+
+    @property
+    def fused(self) -> bool:
+        """Whether the Triton kernels serve the elementwise steps (CUDA)."""
+        return self.v1.is_cuda and triton_blocks.available()
 
     def masked(self, y: Tensor, cols: slice) -> Tensor:
         member = None if self.member is None else self.member[:, cols]
@@ -183,8 +212,7 @@ class _ClassAttention(torch.autograd.Function):
             cols = slice(start, start + step)
             s = img.scores(cols)  # (T, n)
             mu[:, cols] = img.block_max(s)
-            e = s.sub_(mu[:, cols].index_select(0, keys.key_class)).exp_()  # (T, n)
-            u = img.contexts(e)  # (K', C+8, n)
+            u = img.contexts(s, mu[:, cols])  # (K', C+8, n)
             sums[:, cols] = u[:, c]
             if img.missing is not None:
                 sums[:, cols] += img.missing * torch.exp(-mu[:, cols])
@@ -211,9 +239,9 @@ class _ClassAttention(torch.autograd.Function):
         step = img.chunk(ctx.budget)
         for start in range(0, img.n_pad, step):
             cols = slice(start, start + step)
-            s = img.scores(cols)
-            e = s.sub_(mu[:, cols].index_select(0, keys.key_class)).exp_()  # (T, n)
-            y = img.masked(img.contexts(e)[:, :c] / sums[:, None, cols], cols)  # (K', C, n)
+            s = img.scores(cols)  # (T, n)
+            u = img.contexts(s, mu[:, cols])
+            y = img.masked(u[:, :c] / sums[:, None, cols], cols)  # (K', C, n)
             z = F.relu(y)
             g = grad_out[:, cols]  # (C, n)
             grad_w += mm(g, z.reshape(k_classes * c, -1).t(), how)
@@ -221,9 +249,7 @@ class _ClassAttention(torch.autograd.Function):
             dy = img.masked(dy, cols)
             d = (dy * y).sum(1)  # (K', n)
             dp = grouped_mm(v, dy, keys.offsets, keys.ends, how)  # (T, n)
-            p = e.div_(sums[:, cols].index_select(0, keys.key_class))  # (T, n)
-            ds = p * dp.sub_(d.index_select(0, keys.key_class))  # (T, n)
-            ds = ctx.reading.mask_scores(ds, img.member_rows(cols))
+            p, ds = img.softmax_grad(s, dp, mu[:, cols], sums[:, cols], d, cols)  # (T, n) each
             grad_v += grouped_mm(p, dy.transpose(1, 2), keys.offsets, keys.ends, how)
             grad_q[cols] = mm(ds.t(), k, how)
             grad_k += mm(ds, q_pad[cols], how)

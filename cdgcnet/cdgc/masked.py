@@ -22,6 +22,7 @@ from cdgcnet.cdgc.dense import aggregate, graph_conv
 class Masked(Reading):
     name = "masked"
     uses_membership = True
+    masks_scores = True
 
     def mask_scores(self, s: Tensor, member_rows: Tensor | None) -> Tensor:
         return s * member_rows  # (T, n): a query outside V_m has phi(0) = 0

@@ -54,7 +54,7 @@ class Precision:
 EXACT = Precision("exact", "exact", "exact", "exact")
 POLICIES: dict[str, Precision] = {
     "fp32": EXACT,  # everything in float32
-    "split": Precision("split", "exact", "split", "bf16"),  # fp32-grade forward, bf16 backward
+    "split": Precision("split", "split", "split", "bf16"),  # fp32-grade forward, bf16 backward
     "autocast": Precision("bf16", "bf16", "bf16", "bf16"),  # everything in bf16
 }
 """The ``precision`` choices of the module. They act only under a bf16/fp16 autocast region;
@@ -122,46 +122,44 @@ def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, ends: list[int], how: str)
     - a (m, T) 2-D, b (T, n) 2-D: the inner dimension by group -> (G, m, n); every group
       non-empty (the kernel leaves an empty group's block unwritten)
 
-    "exact" gives the operands' dtype, "bf16" a bf16-rounded float32 result (the fast CUDA kernel
-    writes bf16). "split" (2-D x 3-D only): the three terms as one grouped product over a
-    concatenated inner dimension, [a_hi, a_lo] @ [[b_hi, b_lo], [b_hi, 0]], whose two output
-    halves are summed in float32; the large half's bf16 rounding is independent per element
-    (averaged away by the softmax sums), unlike the rounding of a weight shared by every row.
+    "exact" gives the operands' dtype, "bf16" a bf16 result (what the fast CUDA kernel writes).
+    "split" (2-D x 3-D only): a_hi b_hi + a_lo b_hi + a_hi b_lo summed in float32, a float32
+    result (a Triton kernel on CUDA: torch's bf16 kernel would round the output to bf16, and
+    V' = X W_m^T feeds a sum whose cancellations make that rounding a gradient error of 4-5%).
     """
     if how == "split":
-        a_hi, a_lo = split(a)
-        b_hi, b_lo = split(b)
-        a = torch.cat([a_hi, a_lo], dim=1)  # (T, 2k)
-        b = torch.cat([torch.cat([b_hi, b_lo], 2), torch.cat([b_hi, torch.zeros_like(b_lo)], 2)], 1)
-        out = grouped_mm(a, b, offsets, ends, "bf16")  # (T, 2n)
-        return out[:, : out.shape[1] // 2] + out[:, out.shape[1] // 2 :]
+        if b.dim() != 3:
+            raise ValueError("grouped 'split' products take a 3-D b")
+        if a.is_cuda and triton_blocks.available():
+            with contextlib.suppress(triton_blocks.Unavailable):
+                return triton_blocks.rows(a, b, ends)
+        # The same bf16 products summed in float32.
+        (a_hi, a_lo), (b_hi, b_lo) = (tuple(t.float() for t in split(x)) for x in (a, b))
+        top = grouped_mm(torch.cat([a_hi, a_lo], 1), torch.cat([b_hi, b_hi], 1), offsets, ends,
+                         "exact")  # fmt: skip
+        return top + grouped_mm(a_hi, b_lo, offsets, ends, "exact")
     dtype = a.dtype
     if how == "bf16":
         a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
         if not a.is_cuda:  # emulate: bf16 operands, fp32 sums, bf16 result
             a, b = a.float(), b.float()
     out = _torch_grouped(a, b, offsets, ends) if _native(a, b) else _grouped_loop(a, b, ends)
-    if how == "bf16":
-        out = out.to(torch.bfloat16)
-    return out.to(torch.float32 if how == "bf16" else dtype)
+    return out.to(torch.bfloat16 if how == "bf16" else dtype)
 
 
 def block_sums(v: Tensor, e: Tensor, offsets: Tensor, ends: list[int], how: str) -> Tensor:
     """Per key block g (rows of T): v_g^T e_g -> (G, m, n), v (T, m) and e (T, n) float32
     (bf16 for "bf16"), where v's last 8 columns are [1, 0, ..., 0] (so row m-8 of the result
     holds the block sums of e). "split": v_hi e_hi + v_lo e_hi + v_hi e_lo accumulated in
-    float32, by a Triton kernel on CUDA (triton_blocks.py).
+    float32.
 
     Its output must stay float32: the fast grouped kernel's bf16 output would round the class
     contexts by 2^-9, which the aggregation and BN carry into the module's output and the final
     ReLU turns into gradient errors of several percent (benchmarks/README.md)."""
     if how != "split":
         return grouped_mm(v.t(), e, offsets, ends, how)
-    if e.is_cuda and triton_blocks.available():
-        # [v, 1, 0...]: the kernel sums e for the ones column itself, in float32
-        with contextlib.suppress(triton_blocks.Unavailable):
-            return triton_blocks.blocks(v[:, :-8], e, offsets, rows=v.shape[1])
-    # Emulation (CPU, or CUDA without Triton): the same bf16 products summed in float32.
+    # The same bf16 products summed in float32 (attention.py runs them as a Triton kernel on
+    # CUDA, with the exponentials of e fused).
     hi, lo = (t.float() for t in split(v))
     e_hi, e_lo = (t.float() for t in split(e))
     m = hi.shape[1]
@@ -246,7 +244,7 @@ class GroupedLinear(torch.autograd.Function):
         x, w, offsets = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = grouped_mm(grad, w.to(grad.dtype), offsets, ctx.ends, ctx.how)
+            grad_x = grouped_mm(grad, w.to(grad.dtype), offsets, ctx.ends, ctx.how).to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = grouped_mm(grad.t(), x, offsets, ctx.ends, ctx.how).to(w.dtype)
         return grad_x, grad_w, None, None, None, None

@@ -76,8 +76,12 @@ def split(a: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def mm(a: Tensor, b: Tensor, how: str) -> Tensor:
-    """a (m, k) @ b (k, n) computed as ``how`` says; float32 result (the operands' dtype when
-    exact)."""
+    """a (m, k) @ b (k, n) computed as ``how`` says: float32 for "split", the operands' dtype when
+    exact, bf16 for "bf16" (cuBLAS's plain bf16 GEMM: the backward's products, whose outputs
+    are gradients and tolerate bf16 rounding)."""
+    if how == "bf16":
+        a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        return a @ b if a.is_cuda else (a.float() @ b.float()).to(torch.bfloat16)
     return mm_prepared(left(a, how), right_t(b.t(), how), how)
 
 
@@ -224,7 +228,9 @@ class Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w = ctx.saved_tensors
-        grad_x = mm(grad, w.to(grad.dtype), ctx.how) if ctx.needs_input_grad[0] else None
+        grad_x = (
+            mm(grad, w.to(grad.dtype), ctx.how).to(x.dtype) if ctx.needs_input_grad[0] else None
+        )
         grad_w = mm(grad.t(), x, ctx.how).to(w.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 

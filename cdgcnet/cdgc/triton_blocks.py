@@ -43,6 +43,9 @@ except ImportError:  # pragma: no cover - CPU builds of torch come without Trito
     triton = None
 
 _broken = False
+KEY_TILE = 1024
+"""Keys per program of ``blocks``: classes of very different sizes would otherwise leave the
+GPU waiting on the programs of the largest."""
 
 
 class Unavailable(RuntimeError):
@@ -79,17 +82,21 @@ if triton is not None:
 
     @triton.jit
     def _block_sums_kernel(
-        v_ptr, s_ptr, mu_ptr, out_ptr, ends_ptr, m, n,
+        v_ptr, s_ptr, mu_ptr, out_ptr, tile_group_ptr, tile_start_ptr, tile_end_ptr, m, n,
         stride_vt, stride_vm, stride_st, stride_sn, stride_mug, stride_mun,
         stride_og, stride_om, stride_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         EMULATE: tl.constexpr,
     ):  # fmt: skip
+        # One program: a (BLOCK_M, BLOCK_N) output tile of one key tile (a slice of one class
+        # block, so a large class is spread over many programs); key tiles of the same class
+        # add into the zeroed output.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        g = tl.program_id(2)
-        start = tl.load(ends_ptr + g - 1, mask=g > 0, other=0)
-        end = tl.load(ends_ptr + g)
+        tile = tl.program_id(2)
+        g = tl.load(tile_group_ptr + tile)
+        start = tl.load(tile_start_ptr + tile)
+        end = tl.load(tile_end_ptr + tile)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -127,11 +134,11 @@ if triton is not None:
                 acc = tl.dot(v_hi, e_hi, acc)
                 acc = tl.dot(v_lo, e_hi, acc)
                 acc = tl.dot(v_hi, e_lo, acc)
-        tile = out_ptr + g * stride_og + rm[:, None] * stride_om + rn[None, :] * stride_on
-        tl.store(tile, acc, mask=(rm[:, None] < m) & in_n[None, :])
+        at = out_ptr + g * stride_og + rm[:, None] * stride_om + rn[None, :] * stride_on
+        tl.atomic_add(at, acc, mask=(rm[:, None] < m) & in_n[None, :])
         if pid_m == 0:
             row = out_ptr + g * stride_og + m * stride_om + rn * stride_on
-            tl.store(row, sums, mask=in_n)
+            tl.atomic_add(row, sums, mask=in_n)
 
     @triton.jit
     def _softmax_grad_kernel(
@@ -239,14 +246,26 @@ if triton is not None:
         return out
 
     @_guarded
-    def blocks(v: Tensor, s: Tensor, mu: Tensor, ends: Tensor, rows: int) -> Tensor:
-        """v (T, m), s (T, n), mu (K', n) float32, ends (K',) int32 cumulative -> (K', rows, n)
-        float32 with rows > m (rows m+1.. are left unwritten)."""
-        m, n, g = v.shape[1], s.shape[1], ends.shape[0]
-        out = torch.empty(g, rows, n, dtype=torch.float32, device=v.device)
-        grid = (triton.cdiv(m, 128), triton.cdiv(n, 128), g)
+    def blocks(v: Tensor, s: Tensor, mu: Tensor, ends: list[int], rows: int) -> Tensor:
+        """v (T, m), s (T, n), mu (K', n) float32, ends (K') host cumulative -> (K', rows, n)
+        float32 with rows > m (rows m+1.. are zero). Key tiles of KEY_TILE rows, one class
+        each; under torch's deterministic mode one tile per class (no order-dependent sums)."""
+        m, n, g = v.shape[1], s.shape[1], len(ends)
+        size = 1 << 62 if torch.are_deterministic_algorithms_enabled() else KEY_TILE
+        groups, starts, stops = [], [], []
+        for c, (b, e) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+            for a in range(b, e, size):
+                groups.append(c)
+                starts.append(a)
+                stops.append(min(a + size, e))
+        meta = torch.tensor([*groups, *starts, *stops], dtype=torch.int32)
+        if v.is_cuda:
+            meta = meta.pin_memory().to(v.device, non_blocking=True)
+        k = len(groups)
+        out = torch.zeros(g, rows, n, dtype=torch.float32, device=v.device)
+        grid = (triton.cdiv(m, 128), triton.cdiv(n, 128), k)
         _block_sums_kernel[grid](
-            v, s, mu, out, ends, m, n,
+            v, s, mu, out, meta[:k], meta[k : 2 * k], meta[2 * k :], m, n,
             v.stride(0), v.stride(1), s.stride(0), s.stride(1), mu.stride(0), mu.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
             BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, EMULATE=not v.is_cuda,

@@ -96,7 +96,7 @@ def test_triton_block_sums_kernel_against_float64() -> None:
     ends = [700, 701, 2048, 3000]  # a one-key class and ragged tiles
     v, s, mu, _, e, ref, sums = _blocks_case(3000, 1000, ends, 512)
     offsets = torch.tensor(ends, dtype=torch.int32, device=CUDA)
-    out = triton_blocks.blocks(v.to(CUDA), s.to(CUDA), mu.to(CUDA), offsets, rows=520).cpu()
+    out = triton_blocks.blocks(v.to(CUDA), s.to(CUDA), mu.to(CUDA), ends, rows=520).cpu()
     assert prec._rel(out[:, :512], ref) < 2e-5
     assert prec._rel(out[:, 512], sums) < 1e-5
     # torch's bf16 grouped product of the same e: its bf16 rounding is far larger

@@ -223,7 +223,7 @@ class Linear(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, policy: Precision) -> Tensor:
         ctx.save_for_backward(x, w)
         ctx.how = policy.backward
-        return mm(x, w.t().to(x.dtype), policy.forward)
+        return mm(x, w.t().to(x.dtype), policy.forward).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -25,6 +25,7 @@ from cdgcnet.losses import CDGCLoss, validate_labels
 from cdgcnet.model import build_model, param_groups
 from launch.checkpoint import CheckpointManager
 from launch.config import TrainConfig
+from launch.console import peer_failed
 from launch.distributed import WorldInfo, barrier, convert_sync_batchnorm, device_type
 from launch.ds_config import accumulation_steps, build_ds_config
 from launch.evaluation import Evaluator
@@ -165,8 +166,11 @@ class Trainer:
         try:
             self.log.start(self.ds_config, client.get("mlflow_run_id"), self._launch_text())
             result = self._train(train_stream, val_stream)
-        except BaseException:
-            self.log.tracker.end("FAILED")
+        except BaseException as e:
+            # Ctrl-C or SIGTERM: KILLED, as MLflow names a run stopped from outside; a stop
+            # caused by another rank's failure is that failure.
+            stopped = isinstance(e, KeyboardInterrupt) and not peer_failed()
+            self.log.tracker.end("KILLED" if stopped else "FAILED")
             raise
         finally:
             self.engine.destroy()  # the sweeps call run() many times in one process

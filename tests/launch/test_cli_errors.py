@@ -34,7 +34,9 @@ def test_missing_data_root_names_the_path_and_the_pack_command(tmp_path: Path) -
     line = _one_error_line(_train(tmp_path))
     root = tmp_path / "nope"
     assert f"data.root={root}: does not exist" in line
-    assert f"python -m pipeline.pack scenes --src /data/scenes --out {root}" in line
+    # scenes is generated: the hint makes it first
+    assert (f"generate and pack it with `python -m pipeline.synth scenes --out data/scenes && "
+            f"python -m pipeline.pack scenes --src data/scenes --out {root}`") in line  # fmt: skip
     assert time.monotonic() - t0 < 60
 
 

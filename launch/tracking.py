@@ -10,8 +10,8 @@ one active-run stack per process, and sweeps run many trials in one process.
 - Experiment: cfg.logging.experiment, else cfg.dataset; created with the tag
   ``mlflow.experimentKind = custom_model_development`` (set on an existing experiment that lacks
   it), without which MLflow 3's UI opens an experiment on its GenAI overview, not the runs table.
-- Run name: cfg.logging.run_name, else what the run is: ``<preset> r<depth> <iterations>``
-  (``cityscapes r101 30k``).
+- Run name: cfg.logging.run_name, else what the run is and when it started:
+  ``<preset> <variant> r<depth> <length> <start>`` (``cityscapes aspp+cdgc-ds r101 30k 12-04 16:03``).
 - Params: launch.config.flatten(cfg), plus pretrained.sha256 and pretrained.source (which
   ImageNet weights the backbone started from; "none (...)" says why there are none). MLflow
   limits a value to 6000 characters (longer ones are
@@ -19,7 +19,8 @@ one active-run stack per process, and sweeps run many trials in one process.
   change: when a run is resumed, equal values are skipped and changed ones are recorded as
   ``changed_param.<key>`` tags instead of failing.
 - Tags: variant, graph, ratio, fusion, table (cfg.logging.tags win over the model's values),
-  dataset, preset, kind ("training" | "evaluation"), and mlflow.parentRunId when nested.
+  dataset, preset, kind ("training" | "evaluation"), run_dir (training), and
+  mlflow.parentRunId when nested.
 """
 
 from __future__ import annotations
@@ -82,11 +83,16 @@ def get_or_create_experiment(client: Any, name: str, tracking_uri: str) -> str:
     return exp.experiment_id
 
 
-def default_run_name(cfg: Any) -> str:
-    """What a training run is: preset, depth and length, e.g. `cityscapes r101 30k`."""
-    iters = int(cfg.schedule.iterations)
-    length = f"{iters // 1000}k" if iters >= 1000 and iters % 1000 == 0 else f"{iters} it"
-    return f"{cfg.name} r{cfg.model.depth} {length}"
+def default_run_name(cfg: Any, when: float | None = None) -> str:
+    """What a training run is and when it started: preset, variant, depth, length and start
+    time, e.g. `cityscapes aspp+cdgc-ds r101 30k 12-04 16:03` (two runs of one config differ)."""
+    from launch.run_dir import length_label
+
+    stamp = time.strftime("%m-%d %H:%M", time.localtime(when))
+    variant = ablation_tags(cfg)["variant"]
+    return (
+        f"{cfg.name} {variant} r{cfg.model.depth} {length_label(cfg.schedule.iterations)} {stamp}"
+    )
 
 
 def metric_key(name: str) -> str:
@@ -153,6 +159,8 @@ class Tracker:
         name = cfg.logging.experiment or cfg.dataset
         self.experiment_id = self._experiment(name)
         all_tags = {"dataset": cfg.dataset, "preset": cfg.name, "kind": self.kind}
+        if self.kind == "training":  # where its checkpoints, logs and model.pt are
+            all_tags["run_dir"] = str(Path(cfg.runtime.run_dir).resolve())
         all_tags.update(ablation_tags(cfg))
         all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
         parent = getattr(cfg.logging, "parent_run_id", None)

@@ -33,6 +33,7 @@ from launch.distributed import (
     prepare_accelerator,
     world_from_env,
 )
+from launch.run_dir import complete_or_refuse, default_run_dir, named_by_user
 
 if TYPE_CHECKING:
     from launch.hooks import Hook
@@ -205,6 +206,8 @@ def cli_config(args: argparse.Namespace) -> TrainConfig:
     cfg = load_config(args.config, args.overrides)
     if args.run_dir is not None:  # through the dataclass, so that the path is checked too
         cfg.runtime = dataclasses.replace(cfg.runtime, run_dir=args.run_dir)
+    elif not named_by_user(cfg, args.run_dir, args.overrides):  # a directory of its own
+        cfg.runtime = dataclasses.replace(cfg.runtime, run_dir=default_run_dir(cfg))
     if cfg.logging.experiment is None:
         cfg.logging.experiment = cfg.name
     return cfg
@@ -269,6 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         cfg = cli_config(args)
+        named = cfg.runtime.run_dir != default_run_dir(cfg)
+        complete = complete_or_refuse(cfg, args.resume, named)  # touches nothing
+        if complete is not None:
+            if world.is_main:
+                print(complete, flush=True)
+            return 0
         check_pretrained(cfg)  # before any process group, data or model
         preflight(cfg, world.world_size, args.resume)
     except ConfigError as e:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import time
 from pathlib import Path
 
 import cv2
@@ -222,13 +224,15 @@ def test_experiments_open_on_the_runs_table_and_runs_are_named(store):
     tracker.end()
     exp = client.get_experiment_by_name("kindless")
     assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
-    assert client.get_run(run_id).info.run_name == "scenes r18 30k"
+    name = client.get_run(run_id).info.run_name
+    assert re.fullmatch(r"scenes aspp\+cdgc-ds r18 30k \d\d-\d\d \d\d:\d\d", name), name
     fresh = Tracker(_cfg(store, "logging.experiment=fresh", "schedule.iterations=12"), enabled=True)
     fresh.start()
     fresh.end()
     assert client.get_experiment_by_name("fresh").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
-    assert client.get_run(fresh.run_id).info.run_name == "scenes r18 12 it"
-    from types import SimpleNamespace as NS
-
-    paper = NS(name="cityscapes", model=NS(depth=101), schedule=NS(iterations=30000))
-    assert default_run_name(paper) == "cityscapes r101 30k"
+    assert client.get_run(fresh.run_id).info.run_name.startswith("scenes aspp+cdgc-ds r18 12it ")
+    paper = load_config("cityscapes", ["model.pretrained=none", "model.graph=sim"])
+    when = time.mktime((2026, 12, 4, 16, 3, 0, 0, 0, -1))
+    assert default_run_name(paper, when) == "cityscapes aspp+cdgc-sim r101 30k 12-04 16:03"
+    # where the run's files are, for every training run
+    assert client.get_run(run_id).data.tags["run_dir"] == str(Path(cfg.runtime.run_dir).resolve())

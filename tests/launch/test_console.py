@@ -66,3 +66,16 @@ def test_the_same_failure_on_two_ranks_is_one_line(tmp_path) -> None:
         f"(traceback in {tmp_path / 'run' / 'error-rank0.log'})"
     ]
     assert (tmp_path / "run" / "error-rank1.log").is_file()  # said nothing, kept its traceback
+
+
+def test_progress_off_a_terminal_is_a_line_per_tenth_of_the_run(capsys) -> None:
+    from launch.hooks import StepResult
+    from launch.train_log import ProgressLines
+
+    lines = ProgressLines(total=200, start=100)  # resumed half-way
+    for it in range(101, 201):
+        lines.step(StepResult(it, 0.01, {"total": 1.0}, True, 0.5, 0.0), images_per_s=8.0)
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split(":")[0] for ln in out] == [f"iteration {i}/200" for i in range(120, 201, 20)]
+    assert out[0].startswith("iteration 120/200: loss 1.0000, lr 1.00e-02, 8.0 img/s, ")
+    assert out[-1].endswith("0.0 min left")

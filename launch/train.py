@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_nodes(args.nodes, world)  # before any work, even config loading
     except NodeCountError as e:
-        if world.is_main:  # the same on every rank: say it once
+        if world.local_rank == 0:  # the same on every rank: once per node's console
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     try:

@@ -94,8 +94,10 @@ def train(workdir: Path, shards: Path, overrides: Sequence[str]) -> tuple[dict, 
     cfg, settings = demo_config(workdir, shards, overrides)
     run_dir = Path(cfg.runtime.run_dir)
     complete = complete_or_refuse(cfg, "auto", named=True)
-    if complete is not None:
-        print(complete)
+    if complete is not None:  # said the demo's way: it takes overrides, not --run-dir
+        done = complete.split("; nothing to do")[0]
+        print(f"{done}; not trained again (overrides train another run: "
+              "python -m launch.demo KEY=VALUE ...)")  # fmt: skip
         return finished_result(run_dir), None
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")

@@ -106,3 +106,23 @@ def test_the_command_line_answers_a_finished_run_in_seconds(tmp_path) -> None:
     assert len(lines) == 1 and "this run is complete" in lines[0], lines
     assert seconds < 30, seconds  # importing torch is most of it
     assert sorted(os.listdir(tmp_path)) == ["done"]
+
+
+def test_a_second_make_demo_reports_the_finished_run_without_training(tmp_path, capsys) -> None:
+    from launch.demo import demo_config, train
+
+    shards = tmp_path / "shards" / "scenes"
+    cfg, _ = demo_config(tmp_path, shards, [])
+    run_dir = Path(cfg.runtime.run_dir)
+    assert run_dir == tmp_path / "runs" / "scenes"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    (run_dir / "eval.jsonl").write_text(json.dumps({"iteration": 200, "miou": 0.755}) + "\n")
+    (run_dir / "model.pt").write_bytes(b"weights")
+    metrics, seconds = train(tmp_path, shards, [])  # no launcher started
+    assert metrics["miou"] == 0.755 and seconds is None
+    assert "this run is complete" in capsys.readouterr().out
+    # Overrides make another config: a directory of its own, never runs/scenes.
+    other, _ = demo_config(tmp_path, shards, ["schedule.iterations=50"])
+    assert Path(other.runtime.run_dir).parent == tmp_path / "runs"
+    assert Path(other.runtime.run_dir).name.startswith("scenes-50it-")

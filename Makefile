@@ -6,10 +6,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: venv demo test test-fast lint format bench gpu-wheels lock clean
 
+# -qq: pip's errors only (its warnings about index locations, and setuptools' notice about
+# editable installs, are not this project's business on every `make`).
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -qq --upgrade pip setuptools wheel
+	$(PY) -m pip install -qq -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -244,9 +244,18 @@ def write_safetensors(state: dict[str, Tensor], path: Path, metadata: dict[str, 
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        _normal_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _normal_mode(path: Path) -> None:
+    """The permissions of a file made with open() (0666 less the umask): safetensors creates its
+    files 0600, which other users of a shared weights folder could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -294,18 +303,23 @@ def provenance(pretrained: str | None) -> dict[str, str]:
 # ---------------------------------------------------------------- download
 
 
-def _progress(label: str, done: int, total: int | None) -> None:
+def _progress(label: str, done: int, total: int | None, end: str = "") -> None:
     size = f"{done / 1e6:.1f} MB"
     if total:
         size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / total:.0f}%)"
-    print(f"\r{label}: {size}", end="", file=sys.stderr, flush=True)
+    print(f"\r{label}: {size}", end=end, file=sys.stderr, flush=True)
 
 
 def download(url: str, partial: Path, label: str) -> str:
-    """Stream `url` into `partial` (replaced) with a progress line on stderr; the sha256 of what
-    arrived. A body shorter than its Content-Length is an error naming both sizes."""
+    """Stream `url` into `partial` (replaced) with a progress line on stderr (updated in place on
+    a terminal, once at the end otherwise); the sha256 of what arrived. A body shorter than its
+    Content-Length is an error naming both sizes."""
     partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.unlink(missing_ok=True)  # a leftover of an earlier attempt is never reported as ours
+    if partial.exists():  # a leftover of an earlier attempt is never reported as ours
+        size = partial.stat().st_size / 1e6
+        print(f"removing {partial} ({size:.1f} MB), left by an earlier attempt", file=sys.stderr)
+        partial.unlink()
+    live = sys.stderr.isatty()
     h, done, total, last = hashlib.sha256(), 0, None, 0.0
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "cdgcnet-weights"})
@@ -316,17 +330,20 @@ def download(url: str, partial: Path, label: str) -> str:
                 f.write(chunk)
                 h.update(chunk)
                 done += len(chunk)
-                if time.monotonic() - last > 0.2:
+                if live and time.monotonic() - last > 0.2:
                     _progress(label, done, total)
                     last = time.monotonic()
+    except KeyboardInterrupt:
+        if partial.exists():
+            print(f"\ninterrupted; what arrived is kept as {partial}", file=sys.stderr)
+        raise
     except http.client.IncompleteRead:
         pass  # the connection closed early: named below (done < total), or by the hash check
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", None) or e
         kept = f"; what arrived is kept as {partial}" if partial.exists() else ""
         raise WeightsError(f"{url}: download failed: {reason}{kept}") from e
-    _progress(label, done, total)
-    print(file=sys.stderr)
+    _progress(label, done, total, end="\n")
     if total is not None and done != total:
         raise WeightsError(
             f"{url}: truncated download: {done} of {total} bytes arrived; the partial file is "

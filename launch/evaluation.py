@@ -109,7 +109,9 @@ def evaluate(
     total = len(stream) if hasattr(stream, "__len__") else None
     plan = _plan(mode, scales, flip, crop, stride)
     show = progress and rank == 0
-    bar = tqdm(stream, total=total, desc=f"eval ({plan})", disable=not show, leave=False)
+    bar = tqdm(
+        stream, total=total, desc=f"eval ({plan})", disable=None if show else True, leave=False
+    )  # None: a bar on a terminal only
     was_training = model.training
     model.eval()
     try:

@@ -190,7 +190,9 @@ def predict_folder(
     kwargs = {"mode": e.mode, "scales": e.scales, "flip": e.flip}
     if e.mode == "slide":
         kwargs.update(crop=e.crop, stride=e.stride)
-    for path, name in tqdm(list(zip(images, names, strict=True)), disable=not progress):
+    for path, name in tqdm(
+        list(zip(images, names, strict=True)), disable=None if progress else True
+    ):
         rgb = read_image(path)
         x = torch.from_numpy(normalize(rgb))[None].to(device)  # (1, 3, H, W)
         with torch.no_grad():

@@ -4,22 +4,27 @@ Everything goes through ``mlflow.MlflowClient`` with an explicit run id: the flu
 one active-run stack per process, and sweeps run many trials in one process.
 
 - Tracking URI: cfg.logging.tracking_uri, else $MLFLOW_TRACKING_URI, else
-  ``sqlite:///<cwd>/mlflow.db``. With a SQLite store a new experiment keeps its artifacts
-  beside the database (``<db dir>/mlartifacts/<experiment>``), not under the working directory
-  (Ray trials each run in their own one).
+  ``sqlite:///<cwd>/mlflow.db``; a sweep's trials write that store through the sweep's server
+  (``write_through``). With a SQLite store a new experiment keeps its artifacts beside the
+  database (``<db dir>/mlartifacts/<experiment>``, a file root readable without any server), not
+  under the working directory (Ray trials each run in their own one).
 - Experiment: cfg.logging.experiment, else cfg.dataset; created with the tag
   ``mlflow.experimentKind = custom_model_development`` (set on an existing experiment that lacks
   it), without which MLflow 3's UI opens an experiment on its GenAI overview, not the runs table.
-- Run name: cfg.logging.run_name, else what the run is: ``<preset> r<depth> <iterations>``
-  (``cityscapes r101 30k``).
-- Params: launch.config.flatten(cfg), plus pretrained.sha256 and pretrained.source (which
+- Run name: cfg.logging.run_name, else what the run is and when it started:
+  ``<preset> <variant> r<depth> <length> <start>`` (``cityscapes aspp+cdgc-ds r101 30k 12-04 16:03``).
+- Metrics: a training run's first is ``val/miou`` = NaN at step 0 ("not evaluated yet"), so that
+  MLflow's compare page, which plots the first metric the compared runs share, plots mIoU.
+- Params: launch.config.flatten(cfg) without BOOKKEEPING_PARAMS (run name, tags, parent, run
+  dir: MLflow fields and tags of their own), plus pretrained.sha256 and pretrained.source (which
   ImageNet weights the backbone started from; "none (...)" says why there are none). MLflow
   limits a value to 6000 characters (longer ones are
   cut, with a marker; the full value is in the config.yaml artifact) and a logged param cannot
   change: when a run is resumed, equal values are skipped and changed ones are recorded as
   ``changed_param.<key>`` tags instead of failing.
 - Tags: variant, graph, ratio, fusion, table (cfg.logging.tags win over the model's values),
-  dataset, preset, kind ("training" | "evaluation"), and mlflow.parentRunId when nested.
+  dataset, preset, kind ("training" | "evaluation"), run_dir (training), and
+  mlflow.parentRunId when nested.
 """
 
 from __future__ import annotations
@@ -46,6 +51,18 @@ _TRUNCATED = "...[truncated; full value in config.yaml]"
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]")
 
 
+# store URI -> the tracking server this process writes that store through (sweeps/trial.py)
+_WRITE_THROUGH: dict[str, str] = {}
+
+
+def write_through(store_uri: str, server_uri: str) -> None:
+    """Send this process's writes to the store `store_uri` through the tracking server
+    `server_uri` (concurrent trials on one SQLite file). The runs still record the store as
+    their `logging.tracking_uri`, which outlives the server."""
+    if server_uri != store_uri:
+        _WRITE_THROUGH[store_uri] = server_uri
+
+
 def resolve_tracking_uri(cfg: Any) -> str:
     """cfg.logging.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
     uri = getattr(cfg.logging, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
@@ -53,6 +70,19 @@ def resolve_tracking_uri(cfg: Any) -> str:
         uri = "sqlite:///" + str(Path.cwd() / "mlflow.db")
     return uri
 
+
+# Config fields that say where a run is and what it is called, not what it trains: the run
+# name, tags and parent are MLflow's own fields, the run dir the tag run_dir (config.yaml has all).
+# As params they would differ between any two runs and crowd the compare page's axes.
+BOOKKEEPING_PARAMS = (
+    "logging.run_name",
+    "logging.tags",
+    "logging.parent_run_id",
+    "runtime.run_dir",
+)
+# MLflow's compare page plots the first metric every compared run has (in the order the runs
+# logged them): a training run logs this one first, as NaN at step 0 (no evaluation yet).
+FIRST_METRIC = "val/miou"
 
 # MLflow 3's UI opens an experiment on its runs table only with this kind (else a GenAI overview).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -82,11 +112,16 @@ def get_or_create_experiment(client: Any, name: str, tracking_uri: str) -> str:
     return exp.experiment_id
 
 
-def default_run_name(cfg: Any) -> str:
-    """What a training run is: preset, depth and length, e.g. `cityscapes r101 30k`."""
-    iters = int(cfg.schedule.iterations)
-    length = f"{iters // 1000}k" if iters >= 1000 and iters % 1000 == 0 else f"{iters} it"
-    return f"{cfg.name} r{cfg.model.depth} {length}"
+def default_run_name(cfg: Any, when: float | None = None) -> str:
+    """What a training run is and when it started: preset, variant, depth, length and start
+    time, e.g. `cityscapes aspp+cdgc-ds r101 30k 12-04 16:03` (two runs of one config differ)."""
+    from launch.run_dir import length_label
+
+    stamp = time.strftime("%m-%d %H:%M", time.localtime(when))
+    variant = ablation_tags(cfg)["variant"]
+    return (
+        f"{cfg.name} {variant} r{cfg.model.depth} {length_label(cfg.schedule.iterations)} {stamp}"
+    )
 
 
 def metric_key(name: str) -> str:
@@ -149,10 +184,14 @@ class Tracker:
 
         cfg = self.cfg
         self.tracking_uri = resolve_tracking_uri(cfg)
-        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._client = MlflowClient(
+            tracking_uri=_WRITE_THROUGH.get(self.tracking_uri, self.tracking_uri)
+        )
         name = cfg.logging.experiment or cfg.dataset
         self.experiment_id = self._experiment(name)
         all_tags = {"dataset": cfg.dataset, "preset": cfg.name, "kind": self.kind}
+        if self.kind == "training":  # where its checkpoints, logs and model.pt are
+            all_tags["run_dir"] = str(Path(cfg.runtime.run_dir).resolve())
         all_tags.update(ablation_tags(cfg))
         all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
         parent = getattr(cfg.logging, "parent_run_id", None)
@@ -172,8 +211,12 @@ class Tracker:
             run_name = run_name or getattr(cfg.logging, "run_name", None) or default_run_name(cfg)
             run = self._client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
+            if self.kind == "training":
+                # Its first metric, so that MLflow's compare page plots it (see above).
+                self.log_metrics({FIRST_METRIC: math.nan}, step=0)
         self.set_tags(all_tags)
-        self._log_params({**flatten(cfg), **pretrained_params(cfg)})
+        params = {k: v for k, v in flatten(cfg).items() if k not in BOOKKEEPING_PARAMS}
+        self._log_params({**params, **pretrained_params(cfg)})
         self.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
         if ds_config is not None:
             self.log_dict(dict(ds_config), "deepspeed_config.json")

@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from launch.alignment import AlignmentError
 from launch.config import PRESETS, ConfigError, TrainConfig, check_pretrained, load_config
+from launch.console import peer_failed, quiet_libraries, report_failure
 from launch.determinism import set_deterministic
 from launch.distributed import (
     NodeCountError,
@@ -34,6 +35,7 @@ from launch.distributed import (
     prepare_accelerator,
     world_from_env,
 )
+from launch.run_dir import complete_or_refuse, default_run_dir, named_by_user
 
 if TYPE_CHECKING:
     from launch.hooks import Hook
@@ -47,7 +49,11 @@ and change some fields). Overrides use dotted names, values are YAML:
 nodes: the launched world must span exactly this many nodes, else the program stops before any
 work and says how to give a hostfile (see launch/README.md).
 
-resume: auto (newest complete checkpoint of --run-dir, else start fresh), none, or a checkpoint
+run dir: --run-dir, else runs/<preset>-<length>-<key>, the key a hash of the config: the same
+command finds its run again (an interrupted one resumes; a finished one is reported complete,
+nothing is written) and another config gets another directory.
+
+resume: auto (newest complete checkpoint of the run dir, else start fresh), none, or a checkpoint
 directory. Resuming on another world size converts the checkpoint to DeepSpeed's universal form.
 
 MLflow: runs go to the experiment logging.experiment, by default the preset's name (`scenes`
@@ -57,6 +63,7 @@ Ctrl-C (or SIGTERM) stops every rank; the program says at which iteration and wh
 a rerun of the same command resumes from, and exits with status 130.
 """
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -87,6 +94,7 @@ def check_data_root(cfg: TrainConfig) -> None:
     Says whether the folder is missing, holds a raw dataset or is otherwise unpacked, and gives
     the pipeline.pack command to run. Cheap: only manifests are looked at on the normal path.
     """
+    from pipeline.datasets import DATASETS
     from pipeline.manifest import MANIFEST_NAME
 
     root = Path(cfg.data.root)
@@ -108,8 +116,16 @@ def check_data_root(cfg: TrainConfig) -> None:
     command = shlex.join(
         ["python", "-m", "pipeline.pack", packer, "--src", src, "--out", str(root)]
     )
+    verb = "pack it"
+    if state == "does not exist" and DATASETS[cfg.dataset].recipe is None:  # generated data
+        verb, src = "generate and pack it", f"data/{packer}"
+        synth = shlex.join(["python", "-m", "pipeline.synth", packer, "--out", src])
+        pack = shlex.join(
+            ["python", "-m", "pipeline.pack", packer, "--src", src, "--out", str(root)]
+        )
+        command = f"{synth} && {pack}"
     raise ConfigError(
-        f"data.root={cfg.data.root}: {state}; pack it with `{command}` and pass data.root={root}"
+        f"data.root={cfg.data.root}: {state}; {verb} with `{command}` and pass data.root={root}"
     )
 
 
@@ -155,6 +171,7 @@ def run(
     preflight(cfg, world.world_size, resume)
     prepare_accelerator()
     set_deterministic(cfg.runtime.deterministic)  # before any cuBLAS handle exists
+    quiet_libraries()
     init_distributed(world, cpu_shm_comm=cfg.runtime.cpu_shm_comm)
     from launch.trainer import Trainer
 
@@ -176,7 +193,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="number of nodes the launched job must span (checked before any work)",
     )
-    p.add_argument("--run-dir", default=None, help="run directory (default runtime.run_dir)")
+    p.add_argument(
+        "--run-dir", default=None, help="run directory (default runs/<preset>-<length>-<key>)"
+    )
     p.add_argument("--resume", default="auto", help="auto | none | PATH (default auto)")
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
@@ -185,11 +204,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def cli_config(args: argparse.Namespace) -> TrainConfig:
-    """The config of a command line: --config, overrides, --run-dir; MLflow experiment by
-    default the preset's name (the dataset's name would mix `scenes` into `cityscapes`)."""
+    """The config of a command line: --config, overrides, --run-dir (else a directory named
+    after the config, launch.run_dir); MLflow experiment by default the preset's name (the
+    dataset's name would mix `scenes` into `cityscapes`)."""
     cfg = load_config(args.config, args.overrides)
     if args.run_dir is not None:  # through the dataclass, so that the path is checked too
         cfg.runtime = dataclasses.replace(cfg.runtime, run_dir=args.run_dir)
+    elif not named_by_user(cfg, args.run_dir, args.overrides):  # a directory of its own
+        cfg.runtime = dataclasses.replace(cfg.runtime, run_dir=default_run_dir(cfg))
     if cfg.logging.experiment is None:
         cfg.logging.experiment = cfg.name
     return cfg
@@ -251,10 +273,17 @@ def main(argv: Sequence[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
     try:
         check_nodes(args.nodes, world)  # before any work, even config loading
     except NodeCountError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if world.local_rank == 0:  # the same on every rank: once per node's console
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     try:
         cfg = cli_config(args)
+        named = cfg.runtime.run_dir != default_run_dir(cfg)
+        complete = complete_or_refuse(cfg, args.resume, named)  # touches nothing
+        if complete is not None:
+            if world.is_main:
+                print(complete, flush=True)
+            return 0
         check_pretrained(cfg)  # before any process group, data or model
         preflight(cfg, world.world_size, args.resume)
     except ConfigError as e:
@@ -270,10 +299,16 @@ def main(argv: Sequence[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except BaseException as e:
+        # Loader workers are stopped with us (the deepspeed launcher signals the whole process
+        # tree): their deaths must not raise again at exit (torch's SIGCHLD handler would).
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         # After Ctrl-C, whatever a rank meets on the way out (a peer's closed socket, a killed
         # loader worker) is part of the interruption, not a new error.
         if interruption.signum is None and not isinstance(e, KeyboardInterrupt):
-            raise
+            report_failure(e, cfg.runtime.run_dir, world.rank, world.world_size)
+            return EXIT_FAILED
+        if peer_failed():  # stopped by the launcher because another rank failed: it said so
+            return EXIT_FAILED
         if world.is_main:
             print(interrupted_message(cfg), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from cdgcnet.metrics import ConfusionMatrix
-from launch.config import TrainConfig, to_dict, to_yaml
+from launch.config import TrainConfig, to_dict
 from launch.distributed import WorldInfo
 from launch.hooks import Hook, StepResult, say
 from launch.tracking import Tracker
@@ -55,6 +56,30 @@ class LoaderWatch:
         )
 
 
+class ProgressLines:
+    """Progress as plain lines, for output that is not a terminal (where a bar's every update
+    would be a line): one line per tenth of the run, or after `max_quiet_s` without one."""
+
+    def __init__(self, total: int, start: int, max_quiet_s: float = 600.0) -> None:
+        self.total, self.start = total, start
+        self.every = max(1, total // 10)
+        self.max_quiet_s = max_quiet_s
+        self.t0 = self.last = time.monotonic()
+
+    def step(self, step: StepResult, images_per_s: float) -> None:
+        it, now = step.iteration, time.monotonic()
+        if not (it % self.every == 0 or it == self.total or now - self.last > self.max_quiet_s):
+            return
+        self.last = now
+        done = it - self.start
+        eta = (now - self.t0) / done * (self.total - it) if done else 0.0
+        print(
+            f"iteration {it}/{self.total}: loss {step.losses.get('total', float('nan')):.4f}, "
+            f"lr {step.lr:.2e}, {images_per_s:.1f} img/s, {eta / 60:.1f} min left",
+            flush=True,
+        )
+
+
 class TrainLog(Hook):
     """Rank-0 records of one run; every rank holds one (only rank 0's writes)."""
 
@@ -66,13 +91,16 @@ class TrainLog(Hook):
         self.images_per_iter = 0
         self.trainer = None  # set by before_train: the engine, device and non-finite count
         self.bar = None
+        self.lines: ProgressLines | None = None
 
     def write_config(self, start: int, ds_config: dict) -> None:
-        """The resolved config on the console and in the run dir; records past `start` dropped."""
+        """The resolved config in the run dir (and one console line saying where; MLflow gets it
+        as config.yaml); records past `start` dropped."""
         if not self.main:
             return
-        print("resolved config:\n" + to_yaml(self.cfg), flush=True)
-        write_atomic(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=1))
+        path = self.run_dir / "config.json"
+        write_atomic(path, json.dumps(to_dict(self.cfg), indent=1))
+        print(f"run dir {self.run_dir}: resolved config in {path.name}", flush=True)
         write_atomic(self.run_dir / "ds_config.json", json.dumps(ds_config, indent=1))
         self._trim_jsonl(start)
 
@@ -106,12 +134,19 @@ class TrainLog(Hook):
 
         self.trainer = trainer
         self.images_per_iter = self.cfg.data.batch_size * self.world.world_size * trainer.accum
+        show = self.main and self.cfg.runtime.progress
         self.bar = tqdm(
             total=self.cfg.schedule.iterations,
             initial=trainer.state.start,
             desc="train",
             dynamic_ncols=True,
-            disable=not (self.main and self.cfg.runtime.progress),
+            disable=None if show else True,  # None: a bar on a terminal only
+        )
+        # Not on a terminal (a log file, CI): one line every tenth of the run or 10 minutes.
+        self.lines = (
+            ProgressLines(self.cfg.schedule.iterations, trainer.state.start)
+            if (show and self.bar.disable)
+            else None
         )
 
     def after_step(self, step: StepResult) -> None:
@@ -126,6 +161,8 @@ class TrainLog(Hook):
         warning = self.watch.add(step.wait_seconds, step.seconds)
         if warning:
             say(self.world, f"iteration {step.iteration}: {warning}")
+        if self.lines is not None:
+            self.lines.step(step, images_per_s)
         self.bar.update(1)
         self.bar.set_postfix(
             loss=f"{step.losses.get('total', float('nan')):.4f}",

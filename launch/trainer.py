@@ -28,6 +28,7 @@ from cdgcnet.model import build_model, param_groups
 from launch.alignment import check_alignment
 from launch.checkpoint import CheckpointManager, universal_reason
 from launch.config import TrainConfig
+from launch.console import peer_failed
 from launch.distributed import WorldInfo, barrier, convert_sync_batchnorm, device_type
 from launch.ds_config import ModelSize, accumulation_steps, build_ds_config
 from launch.evaluation import Evaluator
@@ -175,8 +176,11 @@ class Trainer:
         try:
             self.log.start(self.ds_config, client.get("mlflow_run_id"), self._launch_text())
             result = self._train(train_stream, val_stream)
-        except BaseException:
-            self.log.tracker.end("FAILED")
+        except BaseException as e:
+            # Ctrl-C or SIGTERM: KILLED, as MLflow names a run stopped from outside; a stop
+            # caused by another rank's failure is that failure.
+            stopped = isinstance(e, KeyboardInterrupt) and not peer_failed()
+            self.log.tracker.end("KILLED" if stopped else "FAILED")
             raise
         finally:
             self.engine.destroy()  # the sweeps call run() many times in one process

@@ -484,7 +484,7 @@ def run_split(
 
     with tqdm(
         total=plan.num_samples, unit="img", desc=f"{plan.name}/{plan.split}",
-        disable=not progress, file=sys.stderr, dynamic_ncols=True,
+        disable=None if progress else True, file=sys.stderr, dynamic_ncols=True,  # terminal only
     ) as bar:  # fmt: skip
         bar.update(sum(len(r.keys) + len(r.skipped) for r in plan.reused.values()))
         results = dict(plan.reused)

@@ -824,7 +824,9 @@ def _ade20k_index_files(root: Path, n_train: int, n_val: int) -> None:
 def _run_tasks(
     tasks: list[tuple[Callable, tuple]], workers: int, progress: bool, desc: str
 ) -> None:
-    bar = tqdm(total=len(tasks), desc=desc, unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(tasks), desc=desc, unit="img", disable=None if progress else True, file=sys.stderr
+    )  # None: a bar on a terminal only
     if workers <= 1:
         for fn, args in tasks:
             fn(*args)

@@ -36,7 +36,7 @@ from sweeps.common import (
     init_ray,
     markdown_table,
 )
-from sweeps.mlflow_server import print_ui_hint, tracking_server
+from sweeps.mlflow_server import print_ui_hint, resolve_tracking_uri, tracking_server
 from sweeps.runner import GROUP_TAG, SweepSpec, cpu_count, experiment_id, fit, mlflow_client
 from sweeps.tables import TABLES, Row, Table
 from sweeps.trial import row_name, table_tag
@@ -63,7 +63,7 @@ class Settings:
     overrides: list[str]  # base overrides, absolute data root
     cfg: Any  # the base TrainConfig (for the report line and Table 4's evaluation)
     experiment: str
-    uri: str
+    uri: str  # where to write (the sweep's server for a SQLite store)
     storage: Path
     cpus_per_trial: float
     gpus_per_trial: float
@@ -72,6 +72,7 @@ class Settings:
     address: str | None  # Ray, started on first use: reruns that reuse every row need none
     num_cpus: int
     keep_checkpoints: bool = False
+    store: str | None = None  # the store itself, what runs record (default: uri)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Line:
     """One row of a finished table."""
 
     row: Row
-    miou: float | None  # fraction, None when the run did not finish
+    miou: float | None  # fraction (as everywhere), None when the run did not finish
     run_id: str | None
     reused: bool  # the run existed before this table asked for it
     run_name: str = ""  # every table row the run is, e.g. "table3/ds-1.0, table5/..."
@@ -135,6 +136,7 @@ def train_rows(
             storage=s.storage,
             experiment=s.experiment,
             tracking_uri=s.uri,
+            store_uri=s.store,
             variants={v: list(rows[v]) for v in pending},
             tags={"table": str(table)},
             cpus_per_trial=s.cpus_per_trial,
@@ -164,7 +166,7 @@ def table_parent(s: Settings, table: Table) -> str:
     """The run of this table (`tableN`, role=table), reused by every invocation: holder of
     tableN.md / .csv / .png; the rows it trains carry its id as tag sweep_run."""
     client = mlflow_client(s.uri)
-    exp_id = experiment_id(client, s.experiment)
+    exp_id = experiment_id(client, s.experiment, s.store)
     found = client.search_runs(
         [exp_id],
         filter_string=f"tags.role = 'table' and tags.table = '{table.number}'",
@@ -244,11 +246,12 @@ def evaluate_row(
     from launch.config import load_config
     from launch.evaluation import evaluate
     from launch.export import load_exported
-    from launch.tracking import Tracker
+    from launch.tracking import Tracker, write_through
     from pipeline.reader import EvalStream
 
     cfg = load_config(s.config, overrides)
-    cfg.logging.tracking_uri = s.uri
+    cfg.logging.tracking_uri = s.store or s.uri  # recorded; written through the server
+    write_through(cfg.logging.tracking_uri, s.uri)
     cfg.logging.experiment = s.experiment
     cfg.logging.tags = {
         **cfg.logging.tags,
@@ -284,7 +287,9 @@ def dataset_label(s: Settings) -> str:
     return f"{s.cfg.name} {s.cfg.data.val_split}"
 
 
-TABLE_COLUMNS = ["mIoU (%) paper", "mIoU (%) ours", "MLflow run", "run id", "reused"]
+TABLE_COLUMNS = ["mIoU paper", "mIoU ours", "MLflow run", "run id", "reused"]
+# mIoU as a fraction everywhere (MLflow's val/miou, the training console, the sweep table); the
+# paper's percentages are divided by 100.
 
 
 def table_rows(table: Table, lines: list[Line]) -> tuple[list[str], list[list[Any]]]:
@@ -294,9 +299,9 @@ def table_rows(table: Table, lines: list[Line]) -> tuple[list[str], list[list[An
     for line in lines:
         marks = ["✓" if line.row.ms else "", "✓" if line.row.flip else ""]
         cells = [line.row.label, *(marks if table.evaluation_only else [])]
-        ours = "not finished" if line.miou is None else f"{100 * line.miou:.1f}"
+        ours = "not finished" if line.miou is None else f"{line.miou:.4f}"
         reused = "yes" if line.reused else "no"
-        rows.append([*cells, f"{line.row.paper_miou:.1f}", ours, line.run_name,
+        rows.append([*cells, f"{line.row.paper_miou / 100:.3f}", ours, line.run_name,
                      line.run_id or "", reused])  # fmt: skip
     return [*lead, *TABLE_COLUMNS], rows
 
@@ -324,17 +329,17 @@ def table_figure(table: Table, lines: list[Line], s: Settings):
     import numpy as np
 
     names = [line.row.variant for line in lines]
-    paper = [line.row.paper_miou for line in lines]
-    ours = [np.nan if line.miou is None else 100 * line.miou for line in lines]
+    paper = [line.row.paper_miou / 100 for line in lines]
+    ours = [np.nan if line.miou is None else line.miou for line in lines]
     x = np.arange(len(lines))
     fig, ax = plt.subplots(figsize=(1.6 * len(lines) + 4.5, 4.0), layout="constrained")
     ax.bar(x - 0.2, paper, 0.4, label="paper (Cityscapes val)", color="#9e9e9e")
     ax.bar(x + 0.2, ours, 0.4, label=f"ours ({dataset_label(s)})", color="#1f77b4")
     for xi, value in zip(x, ours, strict=True):
         if not np.isnan(value):
-            ax.annotate(f"{value:.1f}", (xi + 0.2, value), ha="center", va="bottom", fontsize=8)
+            ax.annotate(f"{value:.3f}", (xi + 0.2, value), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, names, rotation=20, ha="right")
-    ax.set_ylabel("mIoU (%)")
+    ax.set_ylabel("mIoU")
     ax.set_title(f"Table {table.number}. {table.title}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never on them
     return fig
@@ -401,13 +406,14 @@ def run_ablations(args: argparse.Namespace) -> dict[int, tuple[str, list[Line]]]
             address=args.address,
             num_cpus=args.num_cpus or cpu_count(),
             keep_checkpoints=args.keep_checkpoints,
+            store=resolve_tracking_uri(args.tracking_uri),
         )
         for n in numbers:
             text, lines = run_table(s, TABLES[n])
             print(f"\n{text}")
             out[n] = (text, lines)
-        exp_id = experiment_id(mlflow_client(s.uri), s.experiment)
-    print_ui_hint(args.tracking_uri, exp_id, [f"tags.{table_tag(n)} IS NOT NULL" for n in numbers])
+    for n in numbers:
+        print_ui_hint(args.tracking_uri, f"--table {n}")
     return out
 
 

@@ -63,37 +63,12 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def ui_command(uri: str | None) -> str | None:
-    """The `mlflow ui` command that opens a SQLite store and its artifacts; None for a server URI."""
-    db = sqlite_path(resolve_tracking_uri(uri))
-    if db is None:
-        return None
-    return (
-        f"mlflow ui --backend-store-uri {SQLITE_PREFIX}{db} "
-        f"--artifacts-destination {db.parent / 'mlartifacts'} --host 127.0.0.1 --port 5000"
-    )
-
-
-def ui_url(experiment_id: str, search: str | None = None, port: int = 5000) -> str:
-    """The experiment's runs table in MLflow 3's UI, with `search` typed in its search box.
-
-    `workflowType=machine_learning` is the sidebar's "Model training" switch: without it the
-    UI (by default in its GenAI mode) opens an experiment on the GenAI overview.
-    """
-    query = "workflowType=machine_learning"
-    if search:
-        query += "&searchFilter=" + urllib.parse.quote(search)
-    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?{query}"
-
-
-def print_ui_hint(uri: str | None, experiment_id: str, filters: list[str]) -> None:
-    """Tell the user how to look at the runs in the MLflow UI (the sweep's server is gone)."""
-    command = ui_command(uri)
-    lines = ["Compare the runs in the MLflow UI:"]
-    if command:
-        lines.append(f"  {command}")
-    lines += [f"  {ui_url(experiment_id, f)}" for f in filters]
-    print("\n".join(lines))
+def print_ui_hint(uri: str | None, what: str) -> None:
+    """Tell the user how to look at the runs in the MLflow UI (the sweep's server is gone):
+    `python -m sweeps.compare <what>` opens MLflow's compare page on them."""
+    resolved = resolve_tracking_uri(uri)
+    compare = f"python -m sweeps.compare {what} --tracking-uri {resolved}"
+    print(f"Compare the runs in the MLflow UI (val/miou against what differs):\n  {compare}")
 
 
 @contextlib.contextmanager
@@ -119,6 +94,9 @@ def tracking_server(uri: str | None, *, startup_timeout_s: float = 120.0) -> Ite
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", resolved,
+        # New experiments get a file root beside the database (readable with the SQLite URI
+        # alone, no server); older mlflow-artifacts:/ ones are still served from the same folder.
+        "--default-artifact-root", (db.parent / "mlartifacts").as_uri(),
         "--artifacts-destination", str(db.parent / "mlartifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip

@@ -32,7 +32,7 @@ from sweeps.common import (
     init_ray,
     markdown_table,
 )
-from sweeps.mlflow_server import print_ui_hint, tracking_server
+from sweeps.mlflow_server import print_ui_hint, resolve_tracking_uri, tracking_server
 from sweeps.runner import (
     SweepSpec,
     cpu_count,
@@ -254,6 +254,7 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
             storage=storage,
             experiment=args.experiment or default_experiment(cfg, args.smoke),
             tracking_uri=uri,
+            store_uri=resolve_tracking_uri(args.tracking_uri),
             tags={"sweep": name},
             num_samples=args.num_samples,
             cpus_per_trial=cpus,
@@ -277,8 +278,7 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
         print(f"\n{title}\n\n{markdown}")
         log_table(client, parent_run_id, f"{title}\n\n{markdown}", csv_text(TABLE_HEADER, rows),
                   "sweep_results")  # fmt: skip
-        exp_id = client.get_run(parent_run_id).info.experiment_id
-    print_ui_hint(args.tracking_uri, exp_id, [f'tags.sweep_run = "{parent_run_id}"'])
+    print_ui_hint(args.tracking_uri, f"--sweep {name}")
     return SweepOutcome(parent_run_id, rows, TABLE_HEADER, markdown, complete)
 
 

@@ -28,6 +28,7 @@ class SweepSpec:
     storage: Path  # Tune storage folder; the experiment is storage/name
     experiment: str  # MLflow experiment of the parent and its children
     tracking_uri: str  # URI the trials write to (a server when the store is a SQLite file)
+    store_uri: str | None = None  # the store itself (default tracking_uri): what runs record
     variants: dict[str, list[str]] = field(default_factory=dict)  # ablations: overrides per variant
     tags: dict[str, str] = field(default_factory=dict)  # tags on the parent and on every child
     num_samples: int = 1
@@ -70,11 +71,12 @@ def mlflow_client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def experiment_id(client: Any, name: str) -> str:
-    """The experiment's id, created (of the kind MLflow's UI opens on its runs table) if needed."""
+def experiment_id(client: Any, name: str, store_uri: str | None = None) -> str:
+    """The experiment's id, created (of the kind MLflow's UI opens on its runs table, with a file
+    artifact root beside a SQLite `store_uri`) if needed."""
     from launch.tracking import get_or_create_experiment
 
-    return get_or_create_experiment(client, name, client.tracking_uri)
+    return get_or_create_experiment(client, name, store_uri or client.tracking_uri)
 
 
 def start_parent_run(spec: SweepSpec, client: Any, resume: bool) -> str:
@@ -90,7 +92,7 @@ def start_parent_run(spec: SweepSpec, client: Any, resume: bool) -> str:
         state = json.loads(spec.state_file.read_text())
         client.update_run(state["parent_run_id"], status="RUNNING")
         return state["parent_run_id"]
-    exp_id = experiment_id(client, spec.experiment)
+    exp_id = experiment_id(client, spec.experiment, spec.store_uri)
     run = client.create_run(exp_id, run_name=spec.name, tags={**spec.tags, "role": "sweep"})
     client.log_param(run.info.run_id, "config", spec.config)
     client.log_param(run.info.run_id, "overrides", " ".join(spec.overrides)[:6000])
@@ -119,6 +121,7 @@ def make_trainable(spec: SweepSpec, parent_run_id: str):
         "overrides": list(spec.overrides),
         "variants": spec.variants,
         "tracking_uri": spec.tracking_uri,
+        "store_uri": spec.store_uri or spec.tracking_uri,
         "parent_run_id": parent_run_id if spec.nest else None,
         "experiment": spec.experiment,
         "tags": {**spec.tags, GROUP_TAG: parent_run_id},
@@ -191,7 +194,10 @@ def fit(spec: SweepSpec, *, resume: bool = False):
                     storage_path=str(spec.storage),
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    callbacks=[trial_log(spec.experiment_dir / "runs", spec.tags), *spec.callbacks],
+                    callbacks=[
+                        trial_log(spec.experiment_dir / "runs", spec.tags, spec.keep_checkpoints),
+                        *spec.callbacks,
+                    ],
                     # Tune's status tables and per-result lines: TrialLog prints a line per
                     # trial event instead.
                     verbose=0,
@@ -199,6 +205,8 @@ def fit(spec: SweepSpec, *, resume: bool = False):
             )
         grid = tuner.fit()
         statuses = trial_statuses(grid)
+        if not spec.keep_checkpoints:  # whatever the callbacks could not remove while it ran
+            prune_unfinished(grid, statuses, spec.experiment_dir / "runs")
         complete = len(statuses) >= expected_trials(spec) and all(
             s in ("TERMINATED", "ERROR") for s in statuses.values()
         )
@@ -248,12 +256,32 @@ def trial_failures(grid: Any) -> dict[str, int]:
     return out
 
 
-def trial_log(runs_root: Path, tags: dict[str, str]) -> Any:
+def prune_unfinished(grid: Any, statuses: dict[str, str], runs_root: Path) -> None:
+    """Drop the DeepSpeed checkpoints of every trial that ended without finishing its training
+    (stopped by ASHA, or failed for good); finished ones pruned their own."""
+    from sweeps.trial import FINISHED_KEY, prune_ended
+
+    for trial_id, result in zip(statuses, grid, strict=True):
+        frame = result.metrics_dataframe
+        finished = (
+            frame is not None
+            and FINISHED_KEY in frame
+            and bool(frame[FINISHED_KEY].fillna(False).any())
+        )
+        if statuses[trial_id] == "ERROR":
+            prune_ended(runs_root / trial_id, "the trial failed for good")
+        elif statuses[trial_id] == "TERMINATED" and not finished:
+            prune_ended(runs_root / trial_id, "ASHA stopped the trial early")
+
+
+def trial_log(runs_root: Path, tags: dict[str, str], keep_checkpoints: bool = False) -> Any:
     """A Tune callback printing one line per trial event: what the trial is (its MLflow run
-    name), its evaluations, its end or failure, and where its training log is."""
+    name), its evaluations, its end or failure, and where its training log is. It also drops the
+    checkpoints of a trial that ends without finishing (unless keep_checkpoints), as soon as it
+    ends: at paper scale, early-stopped trials would otherwise fill the disk."""
     from ray import tune
 
-    from sweeps.trial import TRAIN_LOG, trial_run_name
+    from sweeps.trial import FINISHED_KEY, TRAIN_LOG, prune_ended, trial_run_name
 
     def name(trial: Any) -> str:
         return trial_run_name({**trial.config, "tags": tags}) or trial.trial_id
@@ -264,18 +292,24 @@ def trial_log(runs_root: Path, tags: dict[str, str]) -> Any:
             print(f"[{name(trial)}] started: trial {trial.trial_id}, training log {log}")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            from sweeps.trial import FINISHED_KEY
-
             if "miou" in result and not result.get(FINISHED_KEY):  # the final one repeats it
-                it, miou = result.get("iteration"), 100 * result["miou"]
-                print(f"[{name(trial)}] iteration {it}: val mIoU {miou:.1f}")
+                it, miou = result.get("iteration"), result["miou"]
+                print(f"[{name(trial)}] iteration {it}: val mIoU {miou:.4f}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            print(f"[{name(trial)}] ended")
+            finished = bool((trial.last_result or {}).get(FINISHED_KEY))
+            if finished:
+                print(f"[{name(trial)}] ended")
+                return
+            print(f"[{name(trial)}] stopped early (ASHA)")
+            if not keep_checkpoints:
+                prune_ended(runs_root / trial.trial_id, "ASHA stopped the trial early")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             log = runs_root / trial.trial_id / TRAIN_LOG
             print(f"[{name(trial)}] failed, see {log} (retried up to --max-failures times)")
+            if not keep_checkpoints:
+                prune_ended(runs_root / trial.trial_id, "the trial failed for good")
 
     return TrialLog()
 

@@ -8,7 +8,9 @@ so that a resumed sweep hands trials the current MLflow server address. Merged, 
     variants        {variant name: [overrides]} (ablation tables; empty for the ratio sweep)
     variant         the variant of this trial (optional)
     ratio, fusion, alpha, beta, gamma   searched values (optional; see common.SEARCH_KEYS)
-    tracking_uri, parent_run_id, experiment, tags   MLflow nesting
+    tracking_uri    where trials write MLflow records (the sweep's server for a SQLite store)
+    store_uri       the store itself, which the runs record as logging.tracking_uri
+    parent_run_id, experiment, tags   MLflow nesting
     runs_root       absolute folder holding every trial's run dir
     workers, use_gpu, worker_resources   > 1 worker: a DeepSpeed trial over Ray Train workers
 
@@ -18,9 +20,10 @@ checkpoint), not a copy of the weights; a retried or resumed trial finds its run
 path (same machine, or a filesystem every node shares), checks that it still holds a checkpoint
 at least as new as the reported one, and training resumes from it (resume="auto"). Once training
 finished, its DeepSpeed checkpoints are deleted (the exported model.pt stays) unless the sweep
-keeps them (`keep_checkpoints`).
+keeps them (`keep_checkpoints`); so are those of a trial ASHA stopped or one that failed for good
+(sweeps/runner.py), whose config, logs and metrics stay.
 
-Output: everything training prints (the resolved config, DeepSpeed's and torch's messages) goes
+Output: everything training prints (its progress, DeepSpeed's and torch's messages) goes
 to `<run dir>/train.log` instead of the console; the driver prints one line per trial event.
 """
 
@@ -52,11 +55,15 @@ def trial_overrides(config: dict[str, Any]) -> list[str]:
 def build_trial_config(config: dict[str, Any], trial_id: str, run_dir: Path):
     """The TrainConfig of a trial: loaded like launch/train.py does, nested under the parent run."""
     from launch.config import load_config
+    from launch.tracking import write_through
 
     overrides = trial_overrides(config)
     cfg = load_config(config["config"], overrides)
     cfg.runtime.run_dir = str(run_dir)
-    cfg.logging.tracking_uri = config["tracking_uri"]
+    # The run records its store; this process writes to it through the sweep's server.
+    store = config.get("store_uri") or config["tracking_uri"]
+    cfg.logging.tracking_uri = store
+    write_through(store, config["tracking_uri"])
     cfg.logging.parent_run_id = config.get("parent_run_id")
     if config.get("experiment"):
         cfg.logging.experiment = config["experiment"]
@@ -127,6 +134,11 @@ def check_run_dir(run_dir: Path) -> None:
     if wanted is None:
         return
     latest = latest_complete(run_dir / "checkpoints")
+    if latest is None and (run_dir / PRUNED_FILE).is_file():
+        # Removed on purpose when the trial failed for good (sweeps --keep-checkpoints keeps them):
+        # a retry of it (Tuner.restore(resume_errored=True)) starts over.
+        print(f"{run_dir}: its checkpoints were removed when it ended; training starts over")
+        return
     if latest is None or latest.iteration < wanted:
         raise FileNotFoundError(
             f"{run_dir}: the trial reported a checkpoint at iteration {wanted}, but its run dir "
@@ -163,6 +175,21 @@ def prune_finished(run_dir: Path, keep_checkpoints: bool) -> None:
     """After training finished: drop its DeepSpeed checkpoints (model.pt is the result)."""
     if not keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+PRUNED_FILE = "checkpoints.removed"  # in the run dir: why its checkpoints are gone
+
+
+def prune_ended(run_dir: Path, why: str) -> bool:
+    """A trial that ended without finishing (stopped by ASHA, or failed for good) keeps its
+    config, logs and MLflow metrics, not its DeepSpeed checkpoints; `why` is noted in the run dir.
+    True when there was something to remove."""
+    ckpts = run_dir / "checkpoints"
+    if not ckpts.exists():
+        return False
+    shutil.rmtree(ckpts, ignore_errors=True)
+    (run_dir / PRUNED_FILE).write_text(f"{why}\n")
+    return True
 
 
 def count_attempt(run_dir: Path) -> int:

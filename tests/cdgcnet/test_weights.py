@@ -5,6 +5,7 @@ written by data/make_resnet_keys.py), and every bad input named."""
 import hashlib
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -232,6 +233,9 @@ def _check_written(out: Path, state: dict, source_bytes: bytes, name: str) -> No
     assert meta["source_sha256"] == hashlib.sha256(source_bytes).hexdigest()
     assert weights.provenance(str(out)) == {"sha256": weights.sha256_file(out), "source": name}
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no .partial, no raw file
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes files, not 0600
 
 
 def test_fetch_over_http_checks_hash_converts_and_writes(tmp_path, server):
@@ -288,7 +292,7 @@ def test_truncated_download_is_named(tmp_path, server):
     assert [p.name for p in out_dir.iterdir()] == [f"{src.name}.partial"]
 
 
-def test_missing_file_on_the_server_is_named(tmp_path, server):
+def test_missing_file_on_the_server_is_named(tmp_path, server, capsys):
     stale = tmp_path / "w" / "resnet18-00000000.pth.partial"  # left by an earlier attempt
     stale.parent.mkdir()
     stale.write_bytes(b"old")
@@ -296,6 +300,8 @@ def test_missing_file_on_the_server_is_named(tmp_path, server):
         weights.fetch(_entry(f"{server.url}/resnet18-00000000.pth"), tmp_path / "w")
     assert str(info.value) == f"{server.url}/resnet18-00000000.pth: download failed: Not Found"
     assert list((tmp_path / "w").iterdir()) == []
+    # the leftover is named as it goes, not removed without a word
+    assert f"removing {stale} (0.0 MB), left by an earlier attempt" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- pickled payloads

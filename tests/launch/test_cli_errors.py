@@ -34,7 +34,9 @@ def test_missing_data_root_names_the_path_and_the_pack_command(tmp_path: Path) -
     line = _one_error_line(_train(tmp_path))
     root = tmp_path / "nope"
     assert f"data.root={root}: does not exist" in line
-    assert f"python -m pipeline.pack scenes --src /data/scenes --out {root}" in line
+    # scenes is generated: the hint makes it first
+    assert (f"generate and pack it with `python -m pipeline.synth scenes --out data/scenes && "
+            f"python -m pipeline.pack scenes --src data/scenes --out {root}`") in line  # fmt: skip
     assert time.monotonic() - t0 < 60
 
 
@@ -76,7 +78,8 @@ def test_global_batch_that_does_not_divide_the_world_is_refused_before_start(
 def test_ctrl_c_is_one_line_naming_the_iteration_and_the_checkpoint(tmp_path: Path) -> None:
     shards = scenes_shards(tmp_path)
     run_dir = tmp_path / "run"
-    a = args(shards, run_dir, "schedule.iterations=500", "checkpoint.every=2", "eval.every=0")
+    a = args(shards, run_dir, "schedule.iterations=500", "checkpoint.every=2", "eval.every=0",
+             mlflow=True)  # fmt: skip
     proc = subprocess.Popen(
         python_cmd(a), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
@@ -97,6 +100,15 @@ def test_ctrl_c_is_one_line_naming_the_iteration_and_the_checkpoint(tmp_path: Pa
     newest = max(m.parent.name for m in (run_dir / "checkpoints").glob("iter_*/COMPLETE"))
     assert line.startswith(f"interrupted at iteration {last}; newest complete checkpoint {newest}; "
                            "rerun the same command to resume")  # fmt: skip
+    assert _mlflow_statuses(tmp_path) == ["KILLED"]  # stopped from outside, not failed
+
+
+def _mlflow_statuses(cwd: Path) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.status for r in client.search_runs(exps)]
 
 
 def test_the_experiment_defaults_to_the_preset_name() -> None:
@@ -118,12 +130,16 @@ def test_ctrl_c_under_the_deepspeed_launcher_is_one_line_for_two_ranks(tmp_path:
 
     shards = scenes_shards(tmp_path)
     run_dir = tmp_path / "run"
-    a = args(shards, run_dir, "schedule.iterations=500", "checkpoint.every=2", "eval.every=0")
+    a = args(shards, run_dir, "schedule.iterations=500", "checkpoint.every=2", "eval.every=0",
+             mlflow=True)  # fmt: skip
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
            "--nodes", "1", *a]  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
+        # As in a terminal, where Ctrl-C reaches the runner too (a shell running this test in
+        # the background would have it ignore SIGINT, and children inherit that).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -142,6 +158,9 @@ def test_ctrl_c_under_the_deepspeed_launcher_is_one_line_for_two_ranks(tmp_path:
     lines = [ln for ln in out.splitlines() if "interrupted at iteration" in ln]
     assert len(lines) == 1, out[-4000:]
     assert "newest complete checkpoint iter_" in lines[0]
+    # The runner dies of the SIGINT, which a shell reports as status 130.
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, out[-3000:])
+    assert _mlflow_statuses(tmp_path) == ["KILLED"]
 
 
 def test_run_dir_flag_is_checked_like_the_config_key(capsys) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+import re
+import time
 from pathlib import Path
 
 import cv2
@@ -18,7 +21,13 @@ from cdgcnet.metrics import ConfusionMatrix
 from cdgcnet.model import build_model
 from launch.config import flatten, load_config, to_dict
 from launch.evaluation import picture_inputs
-from launch.tracking import MAX_PARAM_LEN, Tracker, pretrained_params, resolve_tracking_uri
+from launch.tracking import (
+    BOOKKEEPING_PARAMS,
+    MAX_PARAM_LEN,
+    Tracker,
+    pretrained_params,
+    resolve_tracking_uri,
+)
 from launch.visualize import pictures_for_sample
 
 
@@ -84,7 +93,14 @@ def test_full_run_is_readable_back(store, tmp_path):
     assert client.get_experiment(run.info.experiment_id).name == "full"
     # The experiment keeps its artifacts beside the database, not in the working directory.
     assert run.info.artifact_uri.startswith((store.parent / "mlartifacts" / "full").as_uri())
-    assert run.data.params == {**flatten(cfg), **pretrained_params(cfg)}
+    # The whole config but what MLflow holds in fields of its own (name, tags, parent, run dir)
+    params = {k: v for k, v in flatten(cfg).items() if k not in BOOKKEEPING_PARAMS}
+    assert run.data.params == {**params, **pretrained_params(cfg)}
+    assert not any(k.startswith(("logging.tags", "logging.run_name")) for k in run.data.params)
+    # val/miou comes first (NaN at step 0: not evaluated yet), so the compare page plots it
+    assert next(iter(run.data.metrics)) == "val/miou"
+    history = client.get_metric_history(run_id, "val/miou")
+    assert [h.step for h in history] == [0, 4] and math.isnan(history[0].value)
     assert run.data.params["pretrained.sha256"] == "none"  # the scenes demo: random init
     tags = run.data.tags
     assert tags["variant"] == "aspp+cdgc-ds" and tags["graph"] == "ds" and tags["ratio"] == "1.0"
@@ -127,12 +143,12 @@ def test_full_run_is_readable_back(store, tmp_path):
 
 
 def test_long_params_are_cut_and_changed_params_do_not_fail_a_resume(store):
-    cfg = _cfg(store, "logging.experiment=resume", "logging.tags={long: " + "y" * 7000 + "}")
+    cfg = _cfg(store, "logging.experiment=resume", "data.root=/" + "y" * 7000)
     tracker = Tracker(cfg, enabled=True)
     run_id = tracker.start()
     tracker.end("KILLED")
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    long_value = client.get_run(run_id).data.params["logging.tags"]
+    long_value = client.get_run(run_id).data.params["data.root"]
     assert len(long_value) == MAX_PARAM_LEN and long_value.endswith("full value in config.yaml]")
 
     resumed_cfg = _cfg(store, "logging.experiment=resume", "optim.lr=0.5")
@@ -222,13 +238,15 @@ def test_experiments_open_on_the_runs_table_and_runs_are_named(store):
     tracker.end()
     exp = client.get_experiment_by_name("kindless")
     assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
-    assert client.get_run(run_id).info.run_name == "scenes r18 30k"
+    name = client.get_run(run_id).info.run_name
+    assert re.fullmatch(r"scenes aspp\+cdgc-ds r18 30k \d\d-\d\d \d\d:\d\d", name), name
     fresh = Tracker(_cfg(store, "logging.experiment=fresh", "schedule.iterations=12"), enabled=True)
     fresh.start()
     fresh.end()
     assert client.get_experiment_by_name("fresh").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
-    assert client.get_run(fresh.run_id).info.run_name == "scenes r18 12 it"
-    from types import SimpleNamespace as NS
-
-    paper = NS(name="cityscapes", model=NS(depth=101), schedule=NS(iterations=30000))
-    assert default_run_name(paper) == "cityscapes r101 30k"
+    assert client.get_run(fresh.run_id).info.run_name.startswith("scenes aspp+cdgc-ds r18 12it ")
+    paper = load_config("cityscapes", ["model.pretrained=none", "model.graph=sim"])
+    when = time.mktime((2026, 12, 4, 16, 3, 0, 0, 0, -1))
+    assert default_run_name(paper, when) == "cityscapes aspp+cdgc-sim r101 30k 12-04 16:03"
+    # where the run's files are, for every training run
+    assert client.get_run(run_id).data.tags["run_dir"] == str(Path(cfg.runtime.run_dir).resolve())

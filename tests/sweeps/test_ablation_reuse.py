@@ -93,5 +93,6 @@ def test_a_configuration_shared_by_tables_is_one_run(tmp_path: Path) -> None:
     assert md.read_text() == text1
     assert "### Table 1. Class-wise GCN vs plain GCN (scenes val)" in text1
     assert (
-        "| ResNet-101 + class-GCN | 79.4 | 30.0 | table1/class-gcn, table2/cdgc-concat |" in text1
+        "| ResNet-101 + class-GCN | 0.794 | 0.3000 | table1/class-gcn, table2/cdgc-concat |"
+        in text1
     )

@@ -2,7 +2,8 @@
 
 One real smoke table per module (four training runs, ~5 min on 2 cores), shared by the tests:
 the table and its reuse on a rerun, the console output, the disk it leaves, every search filter
-that sweeps/README.md documents, and (marked `browser`) the UI itself in headless Chromium.
+that sweeps/README.md documents, and (marked `browser`) the URL `python -m sweeps.compare
+--table 5` prints, opened in headless Chromium with no click in between.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.sweeps.test_compare import CHROMEDRIVER, CHROMIUM, open_compare_page
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +30,7 @@ LABELS = (
     "Easy Positive + Hard Negative",
     "Easy Positive + Hard Positive + Hard Negative",
 )
-PAPER = ("79.9", "80.5", "80.0", "81.1")
+PAPER = ("0.799", "0.805", "0.800", "0.811")  # the paper's percentages as fractions
 NAMES = (
     "table5/easy",
     "table5/easy+hard_pos",
@@ -102,7 +105,7 @@ def test_table5_smoke_prints_the_table_and_a_rerun_reuses_every_row(
     assert [c[3] for c in cells] == list(NAMES)
     assert [c[5] for c in cells] == ["no"] * 4
     ours = [float(c[2]) for c in cells]
-    assert all(0.0 < x <= 100.0 for x in ours)
+    assert all(0.0 < x <= 1.0 for x in ours)  # mIoU as a fraction, as everywhere
 
     client = _client(smoke)
     exp = _experiment_id(smoke)
@@ -116,20 +119,17 @@ def test_table5_smoke_prints_the_table_and_a_rerun_reuses_every_row(
     assert easy.data.params["model.ratio"] == "1.0"
     assert all(r.info.status == "FINISHED" and "mlflow.parentRunId" not in r.data.tags
                for r in rows)  # fmt: skip
-    assert [100 * by_name[n].data.metrics["val/miou"] for n in NAMES] == pytest.approx(
-        ours, abs=0.051
-    )
+    assert [by_name[n].data.metrics["val/miou"] for n in NAMES] == pytest.approx(ours, abs=0.00006)
+    # The runs record the store, not the sweep's temporary server.
+    assert {r.data.params["logging.tracking_uri"] for r in rows} == {smoke.uri}
     holder = client.search_runs([exp], "tags.role = 'table'")
     assert [h.info.run_name for h in holder] == ["table5"]
-    # Artifacts went through the sweep's server (mlflow-artifacts:/ URIs): read them through one.
-    from sweeps.mlflow_server import tracking_server
-    from sweeps.runner import mlflow_client
-
-    with tracking_server(smoke.uri) as url:
-        served = mlflow_client(url)
-        files = {f.path for f in served.list_artifacts(holder[0].info.run_id)}
-        md = served.download_artifacts(holder[0].info.run_id, "table5.md", str(smoke.root))
+    # Artifacts are files beside the database: readable with the SQLite URI alone, no server.
+    assert client.get_experiment(exp).artifact_location.startswith("file://")
+    files = {f.path for f in client.list_artifacts(holder[0].info.run_id)}
+    md = client.download_artifacts(holder[0].info.run_id, "table5.md", str(smoke.root))
     assert files == {"table5.md", "table5.csv", "table5.png"}
+    assert "config.yaml" in {f.path for f in client.list_artifacts(rows[0].info.run_id)}
     assert Path(md).read_text().strip() in smoke.output
 
     rerun = smoke.root / "rerun"
@@ -153,14 +153,15 @@ def test_table5_smoke_output_is_short_and_points_at_the_persistent_store(smoke: 
     for noise in ("View run", "tensorboard", "Token authentication", "resolved config",
                   "untested optimizer"):  # fmt: skip
         assert noise.lower() not in smoke.output.lower(), noise
-    assert f"mlflow ui --backend-store-uri sqlite:///{smoke.db}" in smoke.output
-    assert "workflowType=machine_learning&searchFilter=tags.table5%20IS%20NOT%20NULL" in (
+    assert f"python -m sweeps.compare --table 5 --tracking-uri sqlite:///{smoke.db}" in (
         smoke.output
     )
-    # What the console no longer shows is in each trial's training log.
+    assert "val mIoU 0." in smoke.output  # trial lines in the table's unit (a fraction)
+    # What the console no longer shows is in each trial's training log and run dir.
     logs = list((smoke.root / "runs").glob("table5-*/runs/*/train.log"))
     assert len(logs) == 4
-    assert all("resolved config:" in log.read_text() for log in logs)
+    assert all("resolved config in config.json" in log.read_text() for log in logs)
+    assert all((log.parent / "config.json").is_file() for log in logs)
 
 
 def test_table5_smoke_is_lean_on_disk(smoke: Smoke) -> None:
@@ -206,121 +207,31 @@ def test_every_documented_filter_finds_the_table_rows(smoke: Smoke) -> None:
 
 # ------------------------------------------------------------------ the MLflow UI in a browser
 
-CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver")
-UI_TIMEOUT_S = 90  # per page on a busy 2-core machine; a page is usually there in seconds
-
-
-def _browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1500,900"):  # fmt: skip
-        options.add_argument(arg)
-    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-
-
-def _wait_text(driver, *texts: str) -> None:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    def shown(d) -> bool:
-        body = d.find_element("tag name", "body").text
-        return all(t in body for t in texts)
-
-    WebDriverWait(driver, UI_TIMEOUT_S, 0.5).until(shown, f"page never showed {texts}")
-
-
-def _click_text(driver, text: str) -> None:
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    xpath = f"//*[normalize-space(text())='{text}']"
-    WebDriverWait(driver, UI_TIMEOUT_S, 0.5).until(ec.element_to_be_clickable(("xpath", xpath)))
-    driver.find_element("xpath", xpath).click()
-
-
-@pytest.fixture(scope="module")
-def mlflow_ui(smoke: Smoke):
-    """`mlflow ui` on 127.0.0.1 and a free port, as sweeps/README.md tells the user to start it."""
-    import urllib.request
-
-    from sweeps.mlflow_server import free_port, ui_command
-
-    port = free_port()
-    command = ui_command(smoke.uri).replace("--port 5000", f"--port {port} --workers 1")
-    assert command.startswith("mlflow ui ")
-    argv = [sys.executable, "-m", "mlflow", *command.split()[1:]]
-    log = smoke.root / "mlflow-ui.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, log.read_text()[-2000:]
-                assert time.monotonic() < deadline, "mlflow ui did not start"
-                time.sleep(0.5)
-        yield url
-    finally:
-        import signal
-
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
 
 @pytest.mark.browser
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium / chromedriver missing")
-def test_the_readme_walkthrough_works_in_the_browser(
-    smoke: Smoke, mlflow_ui: str, tmp_path_factory: pytest.TempPathFactory
+def test_the_compare_command_opens_the_table_in_the_browser(
+    smoke: Smoke, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """The command the README leads with, then its URL in a fresh headless Chromium: the
+    table's four rows and val/miou plotted, without a click."""
     pytest.importorskip("selenium")
-    from selenium.webdriver.common.keys import Keys
-
-    shots = tmp_path_factory.mktemp("ui-screenshots")
-    print(f"screenshots: {shots}")
-    exp = _experiment_id(smoke)
-    driver = _browser()
+    shot = tmp_path_factory.mktemp("ui-screenshots") / "compare-table5.png"
+    command = [sys.executable, "-m", "sweeps.compare", "--table", "5", "--tracking-uri",
+               smoke.uri]  # fmt: skip
+    stop = [*command[:3], "--stop", "--tracking-uri", smoke.uri]
     start = time.monotonic()
     try:
-        # 1. The experiment, switched to "Model training" in the sidebar: the runs table.
-        driver.get(f"{mlflow_ui}/#/experiments/{exp}")
-        _click_text(driver, "Model training")
-        _wait_text(driver, "Run Name", "table5/easy")
-        assert "/runs" in driver.current_url
-        driver.save_screenshot(str(shots / "1-runs-table.png"))
-
-        # 2. The documented filter in the search box: the table's four rows, by name.
-        box = driver.find_element("css selector", "input[placeholder*='metrics.rmse']")
-        box.send_keys("tags.table5 IS NOT NULL", Keys.ENTER)
-        _wait_text(driver, *NAMES, "4 matching runs")
-        driver.save_screenshot(str(shots / "2-filter-table5.png"))
-
-        # 3. Tick every row (the header checkbox) and press Compare; add val/miou to the
-        # parallel-coordinates plot's metrics: an axis with the rows' values.
-        tick_all = driver.find_element("css selector", "input[aria-label='Select all runs']")
-        tick_all.find_element("xpath", "..").click()  # the visible box around the input
-        _click_text(driver, "Compare")
-        _wait_text(driver, "Comparing 4 Runs", *NAMES, "Metrics:")
-        assert "val/miou" not in driver.find_element("tag name", "body").text  # not by default
-        metrics = driver.find_element("xpath", "//*[normalize-space(text())='Metrics:']"
-                                               "/following::input[1]")  # fmt: skip
-        metrics.find_element("xpath", "ancestor::*[contains(@class,'select')][1]").click()
-        metrics.send_keys("val/miou", Keys.ENTER)
-        metrics.send_keys(Keys.ESCAPE)
-        _wait_text(driver, "val/miou")
-        rows = _client(smoke).search_runs([exp], "tags.table5 IS NOT NULL")
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        url = next(ln for ln in done.stdout.splitlines() if ln.startswith("http://127.0.0.1:"))
+        page = open_compare_page(url, list(NAMES), shot)
+        print(f"screenshot: {shot}")
+        assert "Comparing 4 Runs" in page["text"]
+        assert page["axes"] == ["model.parts", "val/miou"]
+        rows = _client(smoke).search_runs([_experiment_id(smoke)], "tags.table5 IS NOT NULL")
         best = max(r.data.metrics["val/miou"] for r in rows)
-        assert f"{best:.5f}" in driver.find_element("tag name", "body").text  # the axis' top
-        driver.save_screenshot(str(shots / "3-compare.png"))
+        assert f"{best:.5f}" in page["text"]  # the top of the val/miou axis
     finally:
-        print(f"browser part: {time.monotonic() - start:.0f} s")
-        driver.quit()
+        subprocess.run(stop, cwd=ROOT, capture_output=True, timeout=60)
+        print(f"compare command and browser: {time.monotonic() - start:.0f} s")

@@ -75,7 +75,7 @@ def test_smoke_sweep_nests_trials_retries_a_failure_and_logs_the_table(
         assert run.data.metrics["val/miou"] == pytest.approx(row[outcome.header.index("miou")])
         assert any(k.startswith("val/iou/") for k in run.data.metrics)  # per-class IoU
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/miou")]
-        assert sorted(set(steps)) == [2, 4]
+        assert sorted(set(steps)) == [0, 2, 4]  # 0: NaN, logged first (launch/tracking.py)
         losses = client.get_metric_history(run.info.run_id, "train/loss/total")
         assert sorted({m.step for m in losses}) == [1, 2, 3, 4]  # per-iteration metrics
         run_dir = Path(run.data.tags["run_dir"])
@@ -166,9 +166,10 @@ def test_multi_worker_trial_trains_with_two_deepspeed_ranks(
     from sweeps.runner import mlflow_client
 
     history = mlflow_client(tracking_uri).get_metric_history(run.info.run_id, "val/miou")
-    assert [m.step for m in history] == [2, 4]
+    assert [m.step for m in history] == [0, 2, 4]  # 0: NaN before the first evaluation
     # The table ranks a trial by its best evaluation.
-    assert max(m.value for m in history) == pytest.approx(_column(outcome, "miou")[0])
+    best = max(m.value for m in history if m.step > 0)
+    assert best == pytest.approx(_column(outcome, "miou")[0])
     run_dir = Path(run.data.tags["run_dir"])  # --keep-checkpoints: the checkpoints stay
     marker = run_dir / "checkpoints" / "iter_00000004" / "COMPLETE"
     assert json.loads(marker.read_text())["world_size"] == 2

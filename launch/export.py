@@ -245,15 +245,12 @@ def _client_state(file: Path) -> dict | None:
 
 
 def _read_config_file(f: Path) -> dict:
-    try:
-        if f.suffix == ".json":
-            data = json.loads(f.read_text())
-        else:
-            import yaml
+    from launch import bounded
 
-            data = yaml.safe_load(f.read_text())
-    except Exception as e:
-        raise CheckpointError(f"{f}: cannot parse the config: {e}") from e
+    try:
+        data = bounded.load_file(f)
+    except (bounded.BoundsError, OSError) as e:
+        raise CheckpointError(f"{f}: cannot read the config: {e}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{f}: config is not a mapping")
     return data

@@ -35,6 +35,7 @@ import torch
 
 from launch.config import ConfigError
 from launch.export import CheckpointError, load_checkpoint
+from pipeline.shards import DEFAULT_LIMITS, Limits, add_limit_args
 
 FORMATS = ("overlay", "palette", "cityscapes-ids")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -57,10 +58,24 @@ def find_images(folder: Path) -> list[Path]:
     return found
 
 
-def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; PredictError naming the file when it cannot be decoded."""
-    data = np.fromfile(path, dtype=np.uint8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+def read_image(path: Path, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; PredictError naming the file when it is over the sample limits
+    (bytes from its stat, pixels from its PNG/JPEG header, both before decoding: the packer's
+    and the shard reader's limits) or cannot be decoded."""
+    from pipeline.shards import image_size
+    from pipeline.sources.base import SampleError, check_pixels, read_bytes
+
+    try:
+        raw = read_bytes(path, "image", limits)
+        if image_size(raw) is not None:
+            check_pixels(path, raw, "image", limits)
+    except SampleError as e:
+        raise PredictError(str(e)) from None
+    bgr = (
+        None
+        if image_size(raw) is None
+        else cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    )
     if bgr is None:
         raise PredictError(f"{path}: unreadable image (not a decodable PNG/JPEG)")
     return np.ascontiguousarray(bgr[..., ::-1])
@@ -140,6 +155,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--images without its suffix",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_limit_args(p)
     args = p.parse_args(argv)
     args.split = None
     return args
@@ -165,11 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             to_label_ids = train_to_label_ids(spec)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = model.to(device).eval()
+        limits = Limits(args.max_pixels, args.max_member_bytes)
         count = predict_folder(
             model, cfg, spec, images, names, Path(args.out), args.format, to_label_ids, device,
-            progress=not args.no_progress,
+            progress=not args.no_progress, limits=limits,
         )  # fmt: skip
-    except (PredictError, CheckpointError, ConfigError) as e:
+    except (PredictError, CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"wrote {args.format} predictions for {count} image(s) to {args.out}", flush=True)
@@ -177,8 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def predict_folder(
-    model, cfg, spec, images, names, out: Path, fmt: str, to_label_ids, device, progress=True
-) -> int:
+    model, cfg, spec, images, names, out: Path, fmt: str, to_label_ids, device, progress=True,
+    limits: Limits = DEFAULT_LIMITS,
+) -> int:  # fmt: skip
     from tqdm import tqdm
 
     from cdgcnet.inference import predict_logits
@@ -191,7 +209,7 @@ def predict_folder(
     if e.mode == "slide":
         kwargs.update(crop=e.crop, stride=e.stride)
     for path, name in tqdm(list(zip(images, names, strict=True)), disable=not progress):
-        rgb = read_image(path)
+        rgb = read_image(path, limits)
         x = torch.from_numpy(normalize(rgb))[None].to(device)  # (1, 3, H, W)
         with torch.no_grad():
             pred = predict_logits(model, x, **kwargs).argmax(1)[0].cpu().numpy().astype(np.uint8)

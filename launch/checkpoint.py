@@ -34,10 +34,18 @@ from pathlib import Path
 
 import torch
 
+from launch.checkpoint_layout import (
+    MAX_MARKER_BYTES,
+    PREFIX,
+    UNIVERSAL,
+    marker_problem,
+    parse_tag,
+    sizes_match,
+    warn_unknown_entries,
+)
 from launch.distributed import barrier
 
 MARKER = "COMPLETE"
-PREFIX = "iter_"
 _HASH_CHUNK = 1 << 20
 # Below this much free space after a failed save, the failure is reported as a full disk (the
 # C++ writer's own errors, "basic_ios::clear" and "unexpected pos", do not say so).
@@ -189,10 +197,11 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def newest_intact(root: str | Path) -> CheckpointInfo | None:
+def newest_intact(root: str | Path, damaged_tags: set[str] | None = None) -> CheckpointInfo | None:
     """The newest complete checkpoint under root whose files verify; each damaged newer one is
-    named in a warning. None when there is no complete checkpoint. A file that is unsafe to load
-    stops here (UnsafeCheckpointError); when every complete checkpoint is damaged -> CheckpointError."""
+    named in a warning (and its tag added to damaged_tags). None when there is no complete
+    checkpoint. A file that is unsafe to load stops here (UnsafeCheckpointError); when every
+    complete checkpoint is damaged -> CheckpointError."""
     done = list_complete(root)
     damaged = []
     for info in reversed(done):
@@ -202,6 +211,8 @@ def newest_intact(root: str | Path) -> CheckpointInfo | None:
             raise
         except CheckpointError as e:
             damaged.append(str(e))
+            if damaged_tags is not None:
+                damaged_tags.add(info.tag)
             _warn(f"skipping checkpoint {info.path}: {e}")
             continue
         if damaged:
@@ -262,10 +273,14 @@ def read_info(path: str | Path) -> CheckpointInfo:
             f"{path}: not a complete checkpoint (no {MARKER} marker: the save did not finish)"
         )
     try:
-        meta = json.loads(marker.read_text())
-        return CheckpointInfo(path, int(meta["iteration"]), meta)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{marker}: unreadable marker ({type(e).__name__}: {e})") from None
+        with open(marker, "rb") as f:
+            meta = json.loads(f.read(MAX_MARKER_BYTES + 1))
+        problem = marker_problem(meta)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+        problem = f"not JSON ({type(e).__name__})"
+    if problem:
+        raise CheckpointError(f"{marker}: unreadable marker ({problem})")
+    return CheckpointInfo(path, meta["iteration"], meta)
 
 
 def list_complete(root: str | Path) -> list[CheckpointInfo]:
@@ -275,7 +290,7 @@ def list_complete(root: str | Path) -> list[CheckpointInfo]:
         return []
     found = []
     for d in root.iterdir():
-        if d.is_dir() and d.name.startswith(PREFIX) and (d / MARKER).is_file():
+        if d.is_dir() and parse_tag(d.name) is not None and (d / MARKER).is_file():
             try:
                 found.append(read_info(d))
             except CheckpointError as e:  # a damaged marker: the checkpoint does not count
@@ -345,6 +360,8 @@ class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self.damaged: set[str] = set()
+        """Tags rank 0 found damaged when resuming: never counted among the kept ones."""
 
     def save(self, engine, iteration: int, client_state: dict, meta: dict) -> Path:
         """Collective: every rank calls it. Refuses to save non-finite weights. A failed save
@@ -411,17 +428,18 @@ class CheckpointManager:
         ) from failure
 
     def _prune(self, newest: int) -> None:
-        complete = list_complete(self.root)
-        for old in complete[: max(0, len(complete) - self.keep)]:
+        """Keep the newest `keep` intact checkpoints. A damaged one (found at resume, or whose
+        files' sizes differ from its marker's: a stat each, no hashing) is not counted and not
+        removed; entries no save wrote are left alone."""
+        warn_unknown_entries(self.root)
+        self.damaged.discard(tag_for(newest))  # saved again just now
+        intact = [c for c in list_complete(self.root) if sizes_match(c.path, c.meta, self.damaged)]
+        for old in intact[: max(0, len(intact) - self.keep)]:
             shutil.rmtree(old.path, ignore_errors=True)
-            shutil.rmtree(self.root / "universal" / old.tag, ignore_errors=True)
+            shutil.rmtree(self.root / UNIVERSAL / old.tag, ignore_errors=True)
         for d in self.root.iterdir():  # incomplete saves older than the newest complete one
-            if (
-                d.is_dir()
-                and d.name.startswith(PREFIX)
-                and not (d / MARKER).exists()
-                and int(d.name[len(PREFIX) :]) < newest
-            ):
+            it = parse_tag(d.name)
+            if d.is_dir() and it is not None and it < newest and not (d / MARKER).exists():
                 shutil.rmtree(d, ignore_errors=True)
 
     def resolve(self, resume: str) -> CheckpointInfo | None:
@@ -431,7 +449,9 @@ class CheckpointManager:
         if resume == "none":
             return None
         if resume == "auto":
-            return _broadcast_from_rank0(lambda: newest_intact(self.root))
+            if _rank() == 0:
+                warn_unknown_entries(self.root)
+            return _broadcast_from_rank0(lambda: newest_intact(self.root, self.damaged))
         return _broadcast_from_rank0(lambda: _resolve_path(Path(resume)))
 
 

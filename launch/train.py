@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import shlex
 import signal
 import sys
@@ -215,14 +214,13 @@ class Interruption:
 def interrupted_message(cfg: TrainConfig) -> str:
     """One line: the last finished iteration, the checkpoint a rerun resumes from."""
     from launch.checkpoint import newest_intact
+    from launch.train_log import read_jsonl
 
     run_dir = Path(cfg.runtime.run_dir)
     iteration = 0
     log = run_dir / "metrics.jsonl"
-    if log.is_file():
-        lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
-        with contextlib.suppress(ValueError, KeyError):
-            iteration = int(json.loads(lines[-1])["iteration"]) if lines else 0
+    with contextlib.suppress(OSError, IndexError):
+        iteration = read_jsonl(log)[0][-1]["iteration"]
     try:
         # Read on this rank alone: after an interruption the process group may be gone.
         newest = newest_intact(run_dir / "checkpoints")

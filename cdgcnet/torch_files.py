@@ -45,5 +45,5 @@ def load_tensors(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     except pickle.UnpicklingError as e:
         raise TorchFileError(path, refusal_reason(e), refused=True) from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
         raise TorchFileError(path, f"not a torch.save file ({first})", refused=False) from None

@@ -19,7 +19,6 @@ DeepSpeed loads themselves run with `torch.load` forced to the same (`load_engin
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -44,12 +43,10 @@ from launch.checkpoint_layout import (
     warn_unknown_entries,
 )
 from launch.distributed import barrier
+from pipeline.atomic import disk_full
 
 MARKER = "COMPLETE"
 _HASH_CHUNK = 1 << 20
-# Below this much free space after a failed save, the failure is reported as a full disk (the
-# C++ writer's own errors, "basic_ios::clear" and "unexpected pos", do not say so).
-_FULL_DISK_BYTES = 64 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -213,8 +210,9 @@ def newest_intact(root: str | Path, damaged_tags: set[str] | None = None) -> Che
             damaged.append(str(e))
             if damaged_tags is not None:
                 damaged_tags.add(info.tag)
-            _warn(f"skipping checkpoint {info.path}: {e}")
             continue
+        for reason in damaged:  # said only here: when none is intact, the error names them all
+            _warn(f"skipping a damaged checkpoint: {reason}")
         if damaged:
             _warn(f"falling back to the newest intact checkpoint {info.path}")
         return info
@@ -340,20 +338,6 @@ def _broadcast_from_rank0(fn):
     raise (UnsafeCheckpointError if kind == "UnsafeCheckpointError" else CheckpointError)(value)
 
 
-def _disk_full(root: Path, exc: BaseException) -> bool:
-    """ENOSPC/EDQUOT anywhere in the exception chain, or (torch's C++ writer reports neither)
-    almost no space left beside the checkpoint."""
-    e: BaseException | None = exc
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        e = e.__cause__ or e.__context__
-    try:
-        return shutil.disk_usage(root).free < _FULL_DISK_BYTES
-    except OSError:
-        return False
-
-
 class CheckpointManager:
     """Save (with COMPLETE marker, keep-last-k) and locate DeepSpeed checkpoints of one run."""
 
@@ -409,7 +393,7 @@ class CheckpointManager:
 
     def _abandon(self, path: Path, iteration: int, failure: Exception | None) -> None:
         """Every rank: remove the partial save (rank 0) and raise one clear error."""
-        full = failure is not None and _disk_full(self.root, failure)
+        full = failure is not None and disk_full(failure, self.root)
         if _rank() == 0:
             shutil.rmtree(path, ignore_errors=True)
         barrier()

@@ -35,6 +35,7 @@ import torch
 
 from launch.config import ConfigError
 from launch.export import CheckpointError, load_checkpoint
+from pipeline.atomic import DiskFullError
 from pipeline.shards import DEFAULT_LIMITS, Limits, add_limit_args
 
 FORMATS = ("overlay", "palette", "cityscapes-ids")
@@ -181,12 +182,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             to_label_ids = train_to_label_ids(spec)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = model.to(device).eval()
-        limits = Limits(args.max_pixels, args.max_member_bytes)
+        try:
+            limits = Limits(args.max_pixels, args.max_member_bytes)
+        except ValueError as e:
+            raise PredictError(str(e)) from None
         count = predict_folder(
             model, cfg, spec, images, names, Path(args.out), args.format, to_label_ids, device,
             progress=not args.no_progress, limits=limits,
         )  # fmt: skip
-    except (PredictError, CheckpointError, ConfigError, ValueError) as e:
+    except (PredictError, CheckpointError, ConfigError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"wrote {args.format} predictions for {count} image(s) to {args.out}", flush=True)

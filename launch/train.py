@@ -149,11 +149,15 @@ def run(
     world = world_from_env()
     check_nodes(nodes, world)
     preflight(cfg, world.world_size, resume)
-    prepare_accelerator()
-    init_distributed(world, cpu_shm_comm=cfg.runtime.cpu_shm_comm)
-    from launch.trainer import Trainer
+    from launch.run_lock import RunDirClaim
 
-    return Trainer(cfg, world, on_eval=on_eval, hooks=hooks).fit(resume=resume)
+    with RunDirClaim(cfg.runtime.run_dir, world) as claim:  # one writer per run dir
+        prepare_accelerator()
+        init_distributed(world, cpu_shm_comm=cfg.runtime.cpu_shm_comm)
+        claim.confirm()
+        from launch.trainer import Trainer
+
+        return Trainer(cfg, world, on_eval=on_eval, hooks=hooks).fit(resume=resume)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -258,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run(cfg, resume=args.resume, nodes=args.nodes)
     except BaseException as e:
+        from launch.refusal import exit_code
+
+        code = exit_code(e, world)  # a refusal: one line from one rank, exit 2
+        if code is not None:
+            return code
         # After Ctrl-C, whatever a rank meets on the way out (a peer's closed socket, a killed
         # loader worker) is part of the interruption, not a new error.
         if interruption.signum is None and not isinstance(e, KeyboardInterrupt):

@@ -24,7 +24,7 @@ import yaml
 
 from cdgcnet.config import FROM_SCRATCH, ModelConfig, model_preset
 from cdgcnet.model import HEAD_LR_MULT
-from launch import bounded
+from launch import bounded, resources
 from launch.bounded import BoundsError, clip, quote
 from pipeline.datasets import DATASETS, DatasetSpec
 
@@ -91,27 +91,31 @@ def _require_range(
     return float(value)
 
 
+def _require_bound(where: str, value: object, problem) -> None:
+    """An upper bound of launch.resources: problem(value) is None, else refused with its reason."""
+    reason = problem(value)
+    _require(reason is None, f"{where}={quote(value)} {reason}")
+
+
 MIN_GRID = 4
 """Crops must give a feature grid of at least MIN_GRID x MIN_GRID at the output stride: the
 ASPP's dilated 3x3 convs and the class graphs see nothing but padding below that."""
 
-_DANGEROUS_RUN_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/sys",
-                       "/usr", "/var")  # fmt: skip
-
 
 def _check_run_dir(run_dir: object) -> None:
-    """runtime.run_dir must not be a filesystem root, a top-level directory or the home
-    directory: checkpoint rotation and log trimming delete files under it."""
+    """runtime.run_dir must not resolve to a filesystem root, a top-level directory, the home
+    directory, a system tree or the repository (launch.resources): checkpoint rotation and log
+    trimming delete files under it."""
     _require(
         isinstance(run_dir, str) and run_dir.strip() != "",
         f"runtime.run_dir must be a path, got {quote(run_dir)}",
     )
-    resolved = Path(os.path.abspath(os.path.expanduser(run_dir)))
-    home = Path(os.path.abspath(os.path.expanduser("~")))
+    reason = resources.run_dir_problem(run_dir)
+    resolved = os.path.realpath(os.path.expanduser(run_dir))
     _require(
-        str(resolved) not in _DANGEROUS_RUN_DIRS and len(resolved.parts) > 2 and resolved != home,
-        f"runtime.run_dir={quote(run_dir)} ({resolved}) is a filesystem root, a top-level directory "
-        "or the home directory; give a folder of its own (e.g. runs/NAME)",
+        reason is None,
+        f"runtime.run_dir={quote(run_dir)} ({resolved}) is {reason}; give a folder of its own "
+        "(e.g. runs/NAME)",
     )
 
 
@@ -142,6 +146,11 @@ class DataConfig:
         self.scale_range = tuple(float(s) for s in self.scale_range)  # type: ignore[assignment]
         _require_int("data.crop_size", self.crop_size, 8)
         _require_int("data.batch_size", self.batch_size, 1)
+        _require_bound(
+            f"data.batch_size={self.batch_size} with data.crop_size",
+            self.crop_size,
+            lambda crop: resources.training_memory_problem(self.batch_size, crop),
+        )
         _require(
             self.global_batch_size is None
             or (_is_int(self.global_batch_size) and self.global_batch_size >= 1),
@@ -154,6 +163,7 @@ class DataConfig:
                 f"data.batch_size={self.batch_size}",
             )
         _require_int("data.num_workers", self.num_workers, 0)
+        _require_bound("data.num_workers", self.num_workers, resources.workers_problem)
         _require(
             len(self.scale_range) == 2,
             f"data.scale_range must be (lo, hi), got {quote(self.scale_range)}",

@@ -83,6 +83,9 @@ def resolve_config(args: argparse.Namespace, ckpt_cfg: dict):
         cfg.eval.mode = "slide"
     if args.split:
         cfg.data.val_split = args.split
+    from launch.resources import check_eval_scales
+
+    check_eval_scales(cfg)
     return cfg, spec
 
 

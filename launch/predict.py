@@ -59,10 +59,13 @@ def find_images(folder: Path) -> list[Path]:
     return found
 
 
-def read_image(path: Path, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+def read_image(
+    path: Path, limits: Limits = DEFAULT_LIMITS, scales: Sequence[float] = ()
+) -> np.ndarray:
     """(H, W, 3) uint8 RGB; PredictError naming the file when it is over the sample limits
     (bytes from its stat, pixels from its PNG/JPEG header, both before decoding: the packer's
-    and the shard reader's limits) or cannot be decoded."""
+    and the shard reader's limits), too large to run at the largest of `scales` in this
+    machine's memory, or cannot be decoded."""
     from pipeline.shards import image_size
     from pipeline.sources.base import SampleError, check_pixels, read_bytes
 
@@ -72,6 +75,12 @@ def read_image(path: Path, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
             check_pixels(path, raw, "image", limits)
     except SampleError as e:
         raise PredictError(str(e)) from None
+    if scales and (size := image_size(raw)) is not None:
+        from launch.resources import inference_memory_problem
+
+        reason = inference_memory_problem(size[0] * size[1], max(scales))
+        if reason:
+            raise PredictError(f"{path}: eval.scales: {max(scales):g} {reason}")
     bgr = (
         None
         if image_size(raw) is None
@@ -213,7 +222,7 @@ def predict_folder(
     if e.mode == "slide":
         kwargs.update(crop=e.crop, stride=e.stride)
     for path, name in tqdm(list(zip(images, names, strict=True)), disable=not progress):
-        rgb = read_image(path, limits)
+        rgb = read_image(path, limits, e.scales)
         x = torch.from_numpy(normalize(rgb))[None].to(device)  # (1, 3, H, W)
         with torch.no_grad():
             pred = predict_logits(model, x, **kwargs).argmax(1)[0].cpu().numpy().astype(np.uint8)

@@ -127,8 +127,10 @@ def check_resume(cfg: TrainConfig, resume: str) -> None:
 def preflight(cfg: TrainConfig, world_size: int, resume: str) -> None:
     """Everything that can be refused before DeepSpeed starts, each as one ConfigError."""
     from launch.ds_config import accumulation_steps
+    from launch.resources import check_eval_scales
 
     check_data_root(cfg)
+    check_eval_scales(cfg)
     check_resume(cfg, resume)
     accumulation_steps(cfg, world_size)  # the global batch must divide over this world
 

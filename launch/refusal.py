@@ -120,7 +120,9 @@ def _peer_gone(exc: BaseException) -> bool:
     """An error that a peer's exit causes in a collective (gloo/NCCL/the store)."""
     import torch.distributed as dist
 
-    if isinstance(exc, (KeyboardInterrupt, getattr(dist, "DistError", ()))):
+    if isinstance(exc, KeyboardInterrupt):
+        return False  # Ctrl-C: the caller's interruption line and status
+    if isinstance(exc, getattr(dist, "DistError", ())):
         return True
     text = str(exc)
     return any(

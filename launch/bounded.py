@@ -11,7 +11,7 @@ config dict stored in a checkpoint or an exported `model.pt`. What can go wrong 
   a config dict in a checkpoint can be such a graph. `check_tree` walks any value counting every
   node it meets (a shared one once per path), and stops at `MAX_NODES`.
 - Size: config text above `MAX_TEXT_BYTES`, nesting deeper than `MAX_DEPTH`, strings longer
-  than `MAX_STRING`, integers wider than 64 bits.
+  than `MAX_STRING` (and more than MAX_TEXT_BYTES characters in all), integers wider than 64 bits.
 - Error messages: `quote` prints at most `QUOTE_CHARS` characters of a value, however large or
   shared it is (reprlib, with a bounded depth and item count).
 """
@@ -31,7 +31,9 @@ MAX_TEXT_BYTES = 1 << 20
 MAX_NODES = 10_000
 """Values (mappings, lists and scalars, counted along every path) in one config."""
 MAX_DEPTH = 32
-MAX_STRING = 4096
+MAX_STRING = 65536
+"""Characters of one string; all strings of a config together (counted along every path) are
+held to MAX_TEXT_BYTES characters."""
 QUOTE_CHARS = 80
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -156,9 +158,10 @@ def check_tree(value: Any) -> None:
     """Refuse a value that is not plain config data within the bounds: mappings with string
     keys, lists, tuples, strings, numbers, booleans and None; at most MAX_NODES values counted
     along every path (so a graph of shared references costs what it would cost expanded, up to
-    the bound), MAX_DEPTH levels, MAX_STRING characters per string, 64-bit integers."""
+    the bound), MAX_DEPTH levels, MAX_STRING characters per string and MAX_TEXT_BYTES in all,
+    64-bit integers."""
     stack: list[tuple[Any, int]] = [(value, 0)]
-    nodes = 0
+    nodes = chars = 0
     while stack:
         v, depth = stack.pop()
         nodes += 1
@@ -180,6 +183,12 @@ def check_tree(value: Any) -> None:
             if len(v) > MAX_STRING:
                 raise BoundsError(
                     f"a string of {len(v)} characters (over {MAX_STRING}): {quote(v)}"
+                )
+            chars += len(v)
+            if chars > MAX_TEXT_BYTES:
+                raise BoundsError(
+                    f"more than {MAX_TEXT_BYTES} characters of strings (shared ones are counted "
+                    "at every use)"
                 )
         elif isinstance(v, int) and not isinstance(v, bool):
             if v.bit_length() > 64:

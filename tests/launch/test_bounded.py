@@ -46,7 +46,7 @@ def test_yaml_anchors_and_aliases_are_refused_before_anything_is_built(flow) -> 
     [
         ("[" * 100_000, "nested more than"),
         ("x: " + "9" * 5000, "not valid YAML"),
-        ("x: '" + "a" * 5000 + "'", "a string of 5000 characters"),
+        ("x: '" + "a" * 70000 + "'", "a string of 70000 characters"),
         ("x: " + "y" * (bounded.MAX_TEXT_BYTES + 1), "bytes of config text"),
         ("[" + ", ".join(["1"] * (bounded.MAX_NODES + 1)) + "]", "more than 10000 values"),
     ],
@@ -55,6 +55,12 @@ def test_other_oversized_yaml_is_refused(text, reason) -> None:
     with pytest.raises(bounded.BoundsError, match=reason) as e:
         bounded.load_yaml(text)
     assert len(str(e.value)) < 300
+
+
+def test_a_shared_string_counts_at_every_use() -> None:
+    bounded.check_tree({"tags": {"a": "x" * 60_000}})
+    with pytest.raises(bounded.BoundsError, match="characters of strings"):
+        bounded.check_tree({"tags": ["x" * 60_000] * 100})  # 100 uses, 6 MB expanded
 
 
 def test_alias_bomb_in_an_override_is_one_short_error() -> None:

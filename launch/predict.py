@@ -59,28 +59,51 @@ def find_images(folder: Path) -> list[Path]:
     return found
 
 
-def read_image(
-    path: Path, limits: Limits = DEFAULT_LIMITS, scales: Sequence[float] = ()
-) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; PredictError naming the file when it is over the sample limits
-    (bytes from its stat, pixels from its PNG/JPEG header, both before decoding: the packer's
-    and the shard reader's limits), too large to run at the largest of `scales` in this
-    machine's memory, or cannot be decoded."""
-    from pipeline.shards import image_size
-    from pipeline.sources.base import SampleError, check_pixels, read_bytes
+_HEADER_BYTES = 1 << 20  # where a PNG/JPEG states its size (after EXIF and other segments)
 
-    try:
-        raw = read_bytes(path, "image", limits)
-        if image_size(raw) is not None:
-            check_pixels(path, raw, "image", limits)
-    except SampleError as e:
-        raise PredictError(str(e)) from None
-    if scales and (size := image_size(raw)) is not None:
+
+def check_image(
+    path: Path, limits: Limits = DEFAULT_LIMITS, scales: Sequence[float] = (), data=None
+) -> None:
+    """PredictError naming the file when its bytes (from its stat) or its pixels (from its
+    PNG/JPEG header: `data`, else the file's first MiB) are over the sample limits (the packer's
+    and the shard reader's), or it is too large to run at the largest of `scales` in this
+    machine's memory. Nothing is decoded."""
+    from pipeline.shards import image_size
+
+    too_big = limits.check_bytes(path.stat().st_size, "image file")
+    if too_big:
+        raise PredictError(f"{path}: {too_big}")
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read(_HEADER_BYTES)
+    size = image_size(data)
+    if size is None:
+        return  # not a PNG/JPEG, or its header is further in: read_image says so
+    reason = limits.check_image(data, "image")
+    if reason:
+        raise PredictError(f"{path}: {reason}")
+    if scales:
         from launch.resources import inference_memory_problem
 
         reason = inference_memory_problem(size[0] * size[1], max(scales))
         if reason:
             raise PredictError(f"{path}: eval.scales: {max(scales):g} {reason}")
+
+
+def read_image(
+    path: Path, limits: Limits = DEFAULT_LIMITS, scales: Sequence[float] = ()
+) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; PredictError naming the file when `check_image` refuses it or it
+    cannot be decoded."""
+    from pipeline.shards import image_size
+    from pipeline.sources.base import SampleError, read_bytes
+
+    try:
+        raw = read_bytes(path, "image", limits)
+    except SampleError as e:
+        raise PredictError(str(e)) from None
+    check_image(path, limits, scales, raw)
     bgr = (
         None
         if image_size(raw) is None
@@ -189,12 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"a {spec.name} model"
                 )
             to_label_ids = train_to_label_ids(spec)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = model.to(device).eval()
         try:
             limits = Limits(args.max_pixels, args.max_member_bytes)
         except ValueError as e:
             raise PredictError(str(e)) from None
+        for path in images:  # before any output: every image within the limits
+            check_image(path, limits, cfg.eval.scales)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = model.to(device).eval()
         count = predict_folder(
             model, cfg, spec, images, names, Path(args.out), args.format, to_label_ids, device,
             progress=not args.no_progress, limits=limits,

@@ -245,3 +245,58 @@ def test_a_full_disk_at_the_export_is_one_line_naming_the_path(tmp_path) -> None
         assert (run_dir / "checkpoints" / "iter_00000002" / "COMPLETE").is_file()
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+RANKS = """
+import os, sys
+import torch.distributed as dist
+from launch.distributed import init_process_group, world_from_env
+from launch.refusal import exit_code
+from pipeline.shards import ShardError
+
+world = world_from_env()
+init_process_group(world, "gloo")
+try:
+    if world.rank == 1:
+        raise ShardError("/s/a.tar: met by rank 1 only")
+    dist.barrier()  # rank 0 waits for a peer that has left
+    dist.barrier()
+    code = 0
+except BaseException as e:
+    code = exit_code(e, world)
+    if code is None:
+        raise
+sys.stdout.flush()
+os._exit(code)
+"""
+
+
+def test_a_refusal_one_rank_meets_is_said_once_and_the_others_exit_quietly(tmp_path) -> None:
+    """Rank 1 meets the refusal alone and says it; rank 0, whose collective breaks when rank 1
+    leaves, finds the refusal counted in the store and exits with status 2 without a word."""
+    from tests.launch.train_utils import env, free_port
+
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANKS],
+            cwd=Path(__file__).parents[2],
+            env=env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    codes = [p.returncode for p in procs]
+    err = "".join(o[1] for o in outs)
+    assert codes == [2, 2], err
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["error: /s/a.tar: met by rank 1 only"]

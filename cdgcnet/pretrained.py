@@ -11,13 +11,13 @@ mmsegmentation's names (stem.0 ... stem.7), which this backbone uses too. Files 
 
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
+
+from cdgcnet.torch_files import TorchFileError, load_tensors
 
 _PREFIXES = ("module.", "backbone.")
 _DROPPED = ("fc.",)
@@ -100,15 +100,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise PretrainedWeightsError(f"{path}: not a readable .safetensors file: {e}") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1][:200]
-        raise PretrainedWeightsError(
-            f"{path}: refused: the file holds pickled objects, not only tensors "
-            f"(torch.load weights_only=True failed: {first})"
-        ) from e
-    except (RuntimeError, OSError, EOFError) as e:
-        raise PretrainedWeightsError(f"{path}: not a readable torch.save file: {e}") from e
+        obj = load_tensors(path)
+    except TorchFileError as e:
+        if e.refused:
+            raise PretrainedWeightsError(
+                f"{path}: refused: the file holds pickled objects, not only tensors ({e.reason})"
+            ) from None
+        raise PretrainedWeightsError(f"{path}: {e.reason}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -19,7 +19,6 @@ DeepSpeed loads themselves run with `torch.load` forced to the same (`load_engin
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -34,14 +33,20 @@ from pathlib import Path
 
 import torch
 
+from launch.checkpoint_layout import (
+    MAX_MARKER_BYTES,
+    PREFIX,
+    UNIVERSAL,
+    marker_problem,
+    parse_tag,
+    sizes_match,
+    warn_unknown_entries,
+)
 from launch.distributed import barrier
+from pipeline.atomic import disk_full
 
 MARKER = "COMPLETE"
-PREFIX = "iter_"
 _HASH_CHUNK = 1 << 20
-# Below this much free space after a failed save, the failure is reported as a full disk (the
-# C++ writer's own errors, "basic_ios::clear" and "unexpected pos", do not say so).
-_FULL_DISK_BYTES = 64 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -204,10 +209,11 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def newest_intact(root: str | Path) -> CheckpointInfo | None:
+def newest_intact(root: str | Path, damaged_tags: set[str] | None = None) -> CheckpointInfo | None:
     """The newest complete checkpoint under root whose files verify; each damaged newer one is
-    named in a warning. None when there is no complete checkpoint. A file that is unsafe to load
-    stops here (UnsafeCheckpointError); when every complete checkpoint is damaged -> CheckpointError."""
+    named in a warning (and its tag added to damaged_tags). None when there is no complete
+    checkpoint. A file that is unsafe to load stops here (UnsafeCheckpointError); when every
+    complete checkpoint is damaged -> CheckpointError."""
     done = list_complete(root)
     damaged = []
     for info in reversed(done):
@@ -217,8 +223,11 @@ def newest_intact(root: str | Path) -> CheckpointInfo | None:
             raise
         except CheckpointError as e:
             damaged.append(str(e))
-            _warn(f"skipping checkpoint {info.path}: {e}")
+            if damaged_tags is not None:
+                damaged_tags.add(info.tag)
             continue
+        for reason in damaged:  # said only here: when none is intact, the error names them all
+            _warn(f"skipping a damaged checkpoint: {reason}")
         if damaged:
             _warn(f"falling back to the newest intact checkpoint {info.path}")
         return info
@@ -277,10 +286,14 @@ def read_info(path: str | Path) -> CheckpointInfo:
             f"{path}: not a complete checkpoint (no {MARKER} marker: the save did not finish)"
         )
     try:
-        meta = json.loads(marker.read_text())
-        return CheckpointInfo(path, int(meta["iteration"]), meta)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{marker}: unreadable marker ({type(e).__name__}: {e})") from None
+        with open(marker, "rb") as f:
+            meta = json.loads(f.read(MAX_MARKER_BYTES + 1))
+        problem = marker_problem(meta)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+        problem = f"not JSON ({type(e).__name__})"
+    if problem:
+        raise CheckpointError(f"{marker}: unreadable marker ({problem})")
+    return CheckpointInfo(path, meta["iteration"], meta)
 
 
 def list_complete(root: str | Path) -> list[CheckpointInfo]:
@@ -290,7 +303,7 @@ def list_complete(root: str | Path) -> list[CheckpointInfo]:
         return []
     found = []
     for d in root.iterdir():
-        if d.is_dir() and d.name.startswith(PREFIX) and (d / MARKER).is_file():
+        if d.is_dir() and parse_tag(d.name) is not None and (d / MARKER).is_file():
             try:
                 found.append(read_info(d))
             except CheckpointError as e:  # a damaged marker: the checkpoint does not count
@@ -340,26 +353,14 @@ def _broadcast_from_rank0(fn):
     raise (UnsafeCheckpointError if kind == "UnsafeCheckpointError" else CheckpointError)(value)
 
 
-def _disk_full(root: Path, exc: BaseException) -> bool:
-    """ENOSPC/EDQUOT anywhere in the exception chain, or (torch's C++ writer reports neither)
-    almost no space left beside the checkpoint."""
-    e: BaseException | None = exc
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        e = e.__cause__ or e.__context__
-    try:
-        return shutil.disk_usage(root).free < _FULL_DISK_BYTES
-    except OSError:
-        return False
-
-
 class CheckpointManager:
     """Save (with COMPLETE marker, keep-last-k) and locate DeepSpeed checkpoints of one run."""
 
     def __init__(self, run_dir: str | Path, keep: int):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self.damaged: set[str] = set()
+        """Tags rank 0 found damaged when resuming: never counted among the kept ones."""
 
     def save(self, engine, iteration: int, client_state: dict, meta: dict) -> Path:
         """Collective: every rank calls it. Refuses to save non-finite weights. A failed save
@@ -407,7 +408,7 @@ class CheckpointManager:
 
     def _abandon(self, path: Path, iteration: int, failure: Exception | None) -> None:
         """Every rank: remove the partial save (rank 0) and raise one clear error."""
-        full = failure is not None and _disk_full(self.root, failure)
+        full = failure is not None and disk_full(failure, self.root)
         if _rank() == 0:
             shutil.rmtree(path, ignore_errors=True)
         barrier()
@@ -426,17 +427,18 @@ class CheckpointManager:
         ) from failure
 
     def _prune(self, newest: int) -> None:
-        complete = list_complete(self.root)
-        for old in complete[: max(0, len(complete) - self.keep)]:
+        """Keep the newest `keep` intact checkpoints. A damaged one (found at resume, or whose
+        files' sizes differ from its marker's: a stat each, no hashing) is not counted and not
+        removed; entries no save wrote are left alone."""
+        warn_unknown_entries(self.root)
+        self.damaged.discard(tag_for(newest))  # saved again just now
+        intact = [c for c in list_complete(self.root) if sizes_match(c.path, c.meta, self.damaged)]
+        for old in intact[: max(0, len(intact) - self.keep)]:
             shutil.rmtree(old.path, ignore_errors=True)
-            shutil.rmtree(self.root / "universal" / old.tag, ignore_errors=True)
+            shutil.rmtree(self.root / UNIVERSAL / old.tag, ignore_errors=True)
         for d in self.root.iterdir():  # incomplete saves older than the newest complete one
-            if (
-                d.is_dir()
-                and d.name.startswith(PREFIX)
-                and not (d / MARKER).exists()
-                and int(d.name[len(PREFIX) :]) < newest
-            ):
+            it = parse_tag(d.name)
+            if d.is_dir() and it is not None and it < newest and not (d / MARKER).exists():
                 shutil.rmtree(d, ignore_errors=True)
 
     def resolve(self, resume: str) -> CheckpointInfo | None:
@@ -446,7 +448,9 @@ class CheckpointManager:
         if resume == "none":
             return None
         if resume == "auto":
-            return _broadcast_from_rank0(lambda: newest_intact(self.root))
+            if _rank() == 0:
+                warn_unknown_entries(self.root)
+            return _broadcast_from_rank0(lambda: newest_intact(self.root, self.damaged))
         return _broadcast_from_rank0(lambda: _resolve_path(Path(resume)))
 
 

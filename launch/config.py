@@ -24,6 +24,8 @@ import yaml
 
 from cdgcnet.config import FROM_SCRATCH, ModelConfig, model_preset
 from cdgcnet.model import HEAD_LR_MULT
+from launch import bounded, resources
+from launch.bounded import BoundsError, clip, quote
 from pipeline.datasets import DATASETS, DatasetSpec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -49,7 +51,8 @@ def _is_num(v: object) -> bool:
 
 def _require_int(where: str, value: object, minimum: int) -> None:
     _require(
-        _is_int(value) and value >= minimum, f"{where} must be an int >= {minimum}, got {value!r}"
+        _is_int(value) and value >= minimum,
+        f"{where} must be an int >= {minimum}, got {quote(value)}",
     )
 
 
@@ -84,31 +87,35 @@ def _require_range(
         ok = value > lo if lo_open else value >= lo
     if ok and hi is not None:
         ok = value < hi if hi_open else value <= hi
-    _require(ok, f"{where} must be a finite number in {interval}, got {value!r}")
+    _require(ok, f"{where} must be a finite number in {interval}, got {quote(value)}")
     return float(value)
+
+
+def _require_bound(where: str, value: object, problem) -> None:
+    """An upper bound of launch.resources: problem(value) is None, else refused with its reason."""
+    reason = problem(value)
+    _require(reason is None, f"{where}={quote(value)} {reason}")
 
 
 MIN_GRID = 4
 """Crops must give a feature grid of at least MIN_GRID x MIN_GRID at the output stride: the
 ASPP's dilated 3x3 convs and the class graphs see nothing but padding below that."""
 
-_DANGEROUS_RUN_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/sys",
-                       "/usr", "/var")  # fmt: skip
-
 
 def _check_run_dir(run_dir: object) -> None:
-    """runtime.run_dir must not be a filesystem root, a top-level directory or the home
-    directory: checkpoint rotation and log trimming delete files under it."""
+    """runtime.run_dir must not resolve to a filesystem root, a top-level directory, the home
+    directory, a system tree or the repository (launch.resources): checkpoint rotation and log
+    trimming delete files under it."""
     _require(
         isinstance(run_dir, str) and run_dir.strip() != "",
-        f"runtime.run_dir must be a path, got {run_dir!r}",
+        f"runtime.run_dir must be a path, got {quote(run_dir)}",
     )
-    resolved = Path(os.path.abspath(os.path.expanduser(run_dir)))
-    home = Path(os.path.abspath(os.path.expanduser("~")))
+    reason = resources.run_dir_problem(run_dir)
+    resolved = os.path.realpath(os.path.expanduser(run_dir))
     _require(
-        str(resolved) not in _DANGEROUS_RUN_DIRS and len(resolved.parts) > 2 and resolved != home,
-        f"runtime.run_dir={run_dir!r} ({resolved}) is a filesystem root, a top-level directory "
-        "or the home directory; give a folder of its own (e.g. runs/NAME)",
+        reason is None,
+        f"runtime.run_dir={quote(run_dir)} ({resolved}) is {reason}; give a folder of its own "
+        "(e.g. runs/NAME)",
     )
 
 
@@ -139,10 +146,15 @@ class DataConfig:
         self.scale_range = tuple(float(s) for s in self.scale_range)  # type: ignore[assignment]
         _require_int("data.crop_size", self.crop_size, 8)
         _require_int("data.batch_size", self.batch_size, 1)
+        _require_bound(
+            f"data.batch_size={self.batch_size} with data.crop_size",
+            self.crop_size,
+            lambda crop: resources.training_memory_problem(self.batch_size, crop),
+        )
         _require(
             self.global_batch_size is None
             or (_is_int(self.global_batch_size) and self.global_batch_size >= 1),
-            f"data.global_batch_size must be null or an int >= 1, got {self.global_batch_size!r}",
+            f"data.global_batch_size must be null or an int >= 1, got {quote(self.global_batch_size)}",
         )
         if _is_int(self.global_batch_size):
             _require(
@@ -151,16 +163,17 @@ class DataConfig:
                 f"data.batch_size={self.batch_size}",
             )
         _require_int("data.num_workers", self.num_workers, 0)
+        _require_bound("data.num_workers", self.num_workers, resources.workers_problem)
         _require(
             len(self.scale_range) == 2,
-            f"data.scale_range must be (lo, hi), got {self.scale_range!r}",
+            f"data.scale_range must be (lo, hi), got {quote(self.scale_range)}",
         )
         lo, hi = self.scale_range
         _require_range("data.scale_range[0]", lo, 0.0, lo_open=True)
         _require_range("data.scale_range[1]", hi, lo)
         _require(
             self.on_corrupt in ("raise", "skip"),
-            f"data.on_corrupt must be 'raise' or 'skip', got {self.on_corrupt!r}",
+            f"data.on_corrupt must be 'raise' or 'skip', got {quote(self.on_corrupt)}",
         )
 
 
@@ -227,7 +240,7 @@ class ScheduleConfig:
         self.power = _require_num("schedule.power", self.power)
         _require(
             _is_int(self.warmup_iters) and 0 <= self.warmup_iters < self.iterations,
-            f"schedule.warmup_iters must be an int in [0, iterations), got {self.warmup_iters!r}",
+            f"schedule.warmup_iters must be an int in [0, iterations), got {quote(self.warmup_iters)}",
         )
         self.warmup_factor = _require_range(
             "schedule.warmup_factor", self.warmup_factor, 0.0, 1.0, lo_open=True
@@ -252,7 +265,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
         _require(
-            self.mode in EVAL_MODES, f"eval.mode must be one of {EVAL_MODES}, got {self.mode!r}"
+            self.mode in EVAL_MODES,
+            f"eval.mode must be one of {EVAL_MODES}, got {quote(self.mode)}",
         )
         _require_int("eval.crop", self.crop, 8)
         _require_int("eval.stride", self.stride, 1)
@@ -304,14 +318,14 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         _check_run_dir(self.run_dir)
-        _require(_is_int(self.seed), f"runtime.seed must be an int, got {self.seed!r}")
+        _require(_is_int(self.seed), f"runtime.seed must be an int, got {quote(self.seed)}")
         _require(
             self.precision in PRECISIONS,
-            f"runtime.precision must be one of {PRECISIONS}, got {self.precision!r}",
+            f"runtime.precision must be one of {PRECISIONS}, got {quote(self.precision)}",
         )
         _require(
             self.zero_stage in (0, 1, 2, 3),
-            f"runtime.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}",
+            f"runtime.zero_stage must be 0, 1, 2 or 3, got {quote(self.zero_stage)}",
         )
         _require_int("runtime.max_nonfinite", self.max_nonfinite, 1)
 
@@ -335,7 +349,9 @@ class LoggingConfig:
     """False: no MLflow at all (losses still go to <run_dir>/metrics.jsonl)."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.tags, dict), f"logging.tags must be a mapping, got {self.tags!r}")
+        _require(
+            isinstance(self.tags, dict), f"logging.tags must be a mapping, got {quote(self.tags)}"
+        )
         self.tags = {str(k): str(v) for k, v in self.tags.items()}
         _require_int("logging.every", self.every, 1)
 
@@ -362,7 +378,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(
             self.dataset in DATASETS,
-            f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}",
+            f"dataset must be one of {sorted(DATASETS)}, got {quote(self.dataset)}",
         )
         self._check_crops()
 
@@ -458,7 +474,7 @@ def preset(name: str) -> TrainConfig:
     """A fresh TrainConfig of one preset."""
     if name not in PRESETS:
         raise ConfigError(
-            f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or give a .yaml/.json file"
+            f"unknown preset {quote(name)}; choose one of {sorted(PRESETS)} or give a .yaml/.json file"
         )
     return PRESETS[name]()
 
@@ -476,7 +492,7 @@ def check_pretrained(cfg: TrainConfig) -> None:
     pretrained = cfg.model.pretrained
     if pretrained is None and cfg.name in PAPER_PRESETS:
         raise ConfigError(
-            f"preset {cfg.name!r} starts from ImageNet weights and model.pretrained is not set: "
+            f"preset {quote(cfg.name)} starts from ImageNet weights and model.pretrained is not set: "
             f"{_fetch_hint(cfg.model)}, or model.pretrained={FROM_SCRATCH} to train from scratch "
             "on purpose"
         )
@@ -541,44 +557,46 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 last = e
-        raise last or ConfigError(f"{key}: bad value {value!r}")
+        raise last or ConfigError(f"{key}: bad value {quote(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {quote(value)}")
     if tp is int:
         if _is_int(value):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
+        raise ConfigError(f"{key} must be an integer, got {quote(value)}")
     if tp is float:
         if _is_num(value):
             return float(value)
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+        raise ConfigError(f"{key} must be a number, got {quote(value)}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key} must be a string, got {value!r}")
+        raise ConfigError(f"{key} must be a string, got {quote(value)}")
     if origin is tuple:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {quote(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{key} must have {len(args)} items, got {value!r}")
+            raise ConfigError(f"{key} must have {len(args)} items, got {quote(value)}")
         return tuple(
             _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
         )
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+            raise ConfigError(f"{key} must be a mapping, got {quote(value)}")
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(
+                f"{key} must be a mapping of {tp.__name__} fields, got {quote(value)}"
+            )
         return _build(tp, value, key)
     return value
 
@@ -591,7 +609,7 @@ def _build(cls: type, d: dict, prefix: str, base: Any = None) -> Any:
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
-            f"unknown config key(s) {[where + k for k in unknown]}; "
+            f"unknown config key(s) {quote([where + str(k) for k in unknown[:6]])}; "
             f"{cls.__name__} has {sorted(names)}"
         )
     kwargs = {}
@@ -612,18 +630,30 @@ def _build(cls: type, d: dict, prefix: str, base: Any = None) -> Any:
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+        raise ConfigError(f"{prefix or cls.__name__}: {clip(str(e))}") from e
+
+
+def _bounded(d: Any, where: str) -> dict:
+    """d, once it is known to be a mapping of plain values within launch.bounded's limits (a
+    config from a checkpoint may be a graph of shared references)."""
+    try:
+        bounded.check_tree(d)
+    except BoundsError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a mapping, got {quote(d)}")
+    return d
 
 
 def from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
     """TrainConfig from a nested dict (fields absent from `d` come from `base` or the defaults)."""
-    return _build(TrainConfig, d, "", base=base)
+    return _build(TrainConfig, _bounded(d, "config"), "", base=base)
 
 
 def model_config(d: dict) -> ModelConfig:
     """ModelConfig from the "model" section of a config dict (YAML/JSON values coerced and
     checked as in a TrainConfig); the one dict -> ModelConfig path."""
-    return _build(ModelConfig, d, "model")
+    return _build(ModelConfig, _bounded(d, "model"), "model")
 
 
 def flatten(cfg: TrainConfig) -> dict[str, str]:
@@ -654,7 +684,7 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+            raise ConfigError(f"override {quote(key)}: {quote(p)} is not a section")
     node[parts[-1]] = value
 
 
@@ -664,16 +694,16 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
-                f"override {item!r} is not of the form key=value (e.g. optim.lr=0.02)"
+                f"override {quote(item)} is not of the form key=value (e.g. optim.lr=0.02)"
             )
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key:
-            raise ConfigError(f"override {item!r} has an empty key")
+            raise ConfigError(f"override {quote(item)} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+            value = bounded.load_yaml(raw) if raw.strip() != "" else ""
+        except BoundsError as e:
+            raise ConfigError(f"override {quote(item)}: {e}") from None
         _set_dotted(out, key, value)
     return out
 
@@ -683,11 +713,10 @@ def load_file(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text()
     try:
-        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper()} ({e})") from e
+        d = bounded.load_file(path)
+    except (BoundsError, OSError) as e:
+        raise ConfigError(f"{path}: {e}") from None
     if d is None:
         d = {}
     if not isinstance(d, dict):

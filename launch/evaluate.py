@@ -83,20 +83,23 @@ def resolve_config(args: argparse.Namespace, ckpt_cfg: dict):
         cfg.eval.mode = "slide"
     if args.split:
         cfg.data.val_split = args.split
+    from launch.resources import check_eval_scales
+
+    check_eval_scales(cfg)
     return cfg, spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from launch.distributed import world_from_env
+    from launch.refusal import exit_code
 
     world = world_from_env()
     try:
         model, ckpt_cfg, iteration = load_checkpoint(args.checkpoint)
         cfg, spec = resolve_config(args, ckpt_cfg)
     except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return exit_code(e, world)  # one line, from rank 0
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", world.local_rank)
@@ -107,13 +110,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_process_group(world, "nccl" if device.type == "cuda" else "gloo")
     try:
         return _evaluate(args, cfg, spec, model.to(device), iteration, world, device)
+    except BaseException as e:  # a refusal (a damaged shard, a full disk): one line, one rank
+        code = exit_code(e, world)
+        if code is None:
+            raise
+        return code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _evaluate(args, cfg, spec, model, iteration, world, device) -> int:
-    from launch.evaluation import LabelError, evaluate_run
+    from launch.evaluation import evaluate_run
     from launch.tracking import Tracker, iou_table_markdown
     from pipeline.reader import EvalStream
 
@@ -127,13 +135,8 @@ def _evaluate(args, cfg, spec, model, iteration, world, device) -> int:
             on_corrupt=cfg.data.on_corrupt,
         )
     except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {split_dir}: cannot read the evaluation split: {e}", file=sys.stderr)
-        return 2
-    try:
-        cm = evaluate_run(model, stream, cfg, spec.num_classes, device, not args.no_progress)
-    except LabelError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        raise ConfigError(f"{split_dir}: cannot read the evaluation split: {e}") from None
+    cm = evaluate_run(model, stream, cfg, spec.num_classes, device, not args.no_progress)
     if not world.is_main:
         return 0
     step = iteration or 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,8 @@ import torch
 from torch import nn
 
 from cdgcnet.config import ModelConfig
+from cdgcnet.torch_files import TorchFileError, load_tensors
+from launch.bounded import quote
 from launch.checkpoint import CheckpointError
 from launch.config import ConfigError, TrainConfig, model_config, to_dict
 from launch.distributed import barrier
@@ -61,10 +62,10 @@ def export_trained(engine, cfg: TrainConfig, ckpt_root: Path, world, metrics: di
     Under ZeRO-3 they are consolidated from the newest checkpoint in ckpt_root."""
     path = Path(cfg.runtime.run_dir) / "model.pt"
     if cfg.runtime.zero_stage == 3:
-        from launch.checkpoint import fp32_state_dict
+        from launch.checkpoint import fp32_state_dict, latest_complete
 
-        tag = max(p.name for p in ckpt_root.iterdir() if p.name.startswith("iter_"))
-        state = fp32_state_dict(ckpt_root / tag) if world.is_main else None
+        newest = latest_complete(ckpt_root) if world.is_main else None
+        state = fp32_state_dict(newest.path) if newest is not None else None
     else:
         state = {
             k: v.float() if v.is_floating_point() else v
@@ -89,11 +90,10 @@ def _read_export(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such export file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: not a cdgcnet export (torch.load(weights_only=True) failed: {e})"
-        ) from e
+        payload = load_tensors(path)
+    except TorchFileError as e:
+        how = "refused by torch.load(weights_only=True): " if e.refused else ""
+        raise CheckpointError(f"{path}: not a cdgcnet export ({how}{e.reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
@@ -176,7 +176,7 @@ def _deepspeed_tag_dir(path: Path) -> Path:
         return newest.path
     latest = path / "latest"
     if latest.is_file():
-        tag = latest.read_text().strip()
+        tag = _read_latest(latest)
         if not (path / tag / _MODEL_STATES).is_file():
             raise CheckpointError(
                 f"{latest}: names tag {tag!r} but {path / tag} holds no {_MODEL_STATES}"
@@ -187,6 +187,25 @@ def _deepspeed_tag_dir(path: Path) -> Path:
         f"{path}: not a DeepSpeed checkpoint (no {_MODEL_STATES}, no complete {PREFIX}* "
         f"checkpoint and no 'latest' file)"
     )
+
+
+def _read_latest(latest: Path) -> str:
+    """The tag a DeepSpeed `latest` file names: one line of printable ASCII, a folder name."""
+    with open(latest, "rb") as f:
+        raw = f.read(257)
+    tag = raw.strip()
+    if (
+        len(raw) > 256
+        or not tag
+        or not all(0x21 <= b < 0x7F for b in tag)
+        or tag in (b".", b"..")
+        or b"/" in tag
+    ):
+        raise CheckpointError(
+            f"{latest}: does not name a checkpoint tag (expected one folder name in ASCII, "
+            f"found {quote(raw[:40])})"
+        )
+    return tag.decode()
 
 
 def _deepspeed_fp32_state(tag_dir: Path) -> dict:
@@ -245,15 +264,12 @@ def _client_state(file: Path) -> dict | None:
 
 
 def _read_config_file(f: Path) -> dict:
-    try:
-        if f.suffix == ".json":
-            data = json.loads(f.read_text())
-        else:
-            import yaml
+    from launch import bounded
 
-            data = yaml.safe_load(f.read_text())
-    except Exception as e:
-        raise CheckpointError(f"{f}: cannot parse the config: {e}") from e
+    try:
+        data = bounded.load_file(f)
+    except (bounded.BoundsError, OSError) as e:
+        raise CheckpointError(f"{f}: cannot read the config: {e}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{f}: config is not a mapping")
     return data

@@ -35,6 +35,8 @@ import torch
 
 from launch.config import ConfigError
 from launch.export import CheckpointError, load_checkpoint
+from pipeline.atomic import DiskFullError
+from pipeline.shards import DEFAULT_LIMITS, Limits, add_limit_args
 
 FORMATS = ("overlay", "palette", "cityscapes-ids")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -57,10 +59,56 @@ def find_images(folder: Path) -> list[Path]:
     return found
 
 
-def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; PredictError naming the file when it cannot be decoded."""
-    data = np.fromfile(path, dtype=np.uint8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+_HEADER_BYTES = 1 << 20  # where a PNG/JPEG states its size (after EXIF and other segments)
+
+
+def check_image(
+    path: Path, limits: Limits = DEFAULT_LIMITS, scales: Sequence[float] = (), data=None
+) -> None:
+    """PredictError naming the file when its bytes (from its stat) or its pixels (from its
+    PNG/JPEG header: `data`, else the file's first MiB) are over the sample limits (the packer's
+    and the shard reader's), or it is too large to run at the largest of `scales` in this
+    machine's memory. Nothing is decoded."""
+    from pipeline.shards import image_size
+
+    too_big = limits.check_bytes(path.stat().st_size, "image file")
+    if too_big:
+        raise PredictError(f"{path}: {too_big}")
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read(_HEADER_BYTES)
+    size = image_size(data)
+    if size is None:
+        return  # not a PNG/JPEG, or its header is further in: read_image says so
+    reason = limits.check_image(data, "image")
+    if reason:
+        raise PredictError(f"{path}: {reason}")
+    if scales:
+        from launch.resources import inference_memory_problem
+
+        reason = inference_memory_problem(size[0] * size[1], max(scales))
+        if reason:
+            raise PredictError(f"{path}: eval.scales: {max(scales):g} {reason}")
+
+
+def read_image(
+    path: Path, limits: Limits = DEFAULT_LIMITS, scales: Sequence[float] = ()
+) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; PredictError naming the file when `check_image` refuses it or it
+    cannot be decoded."""
+    from pipeline.shards import image_size
+    from pipeline.sources.base import SampleError, read_bytes
+
+    try:
+        raw = read_bytes(path, "image", limits)
+    except SampleError as e:
+        raise PredictError(str(e)) from None
+    check_image(path, limits, scales, raw)
+    bgr = (
+        None
+        if image_size(raw) is None
+        else cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    )
     if bgr is None:
         raise PredictError(f"{path}: unreadable image (not a decodable PNG/JPEG)")
     return np.ascontiguousarray(bgr[..., ::-1])
@@ -140,6 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--images without its suffix",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_limit_args(p)
     args = p.parse_args(argv)
     args.split = None
     return args
@@ -163,13 +212,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"a {spec.name} model"
                 )
             to_label_ids = train_to_label_ids(spec)
+        try:
+            limits = Limits(args.max_pixels, args.max_member_bytes)
+        except ValueError as e:
+            raise PredictError(str(e)) from None
+        for path in images:  # before any output: every image within the limits
+            check_image(path, limits, cfg.eval.scales)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = model.to(device).eval()
         count = predict_folder(
             model, cfg, spec, images, names, Path(args.out), args.format, to_label_ids, device,
-            progress=not args.no_progress,
+            progress=not args.no_progress, limits=limits,
         )  # fmt: skip
-    except (PredictError, CheckpointError, ConfigError) as e:
+    except (PredictError, CheckpointError, ConfigError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"wrote {args.format} predictions for {count} image(s) to {args.out}", flush=True)
@@ -177,8 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def predict_folder(
-    model, cfg, spec, images, names, out: Path, fmt: str, to_label_ids, device, progress=True
-) -> int:
+    model, cfg, spec, images, names, out: Path, fmt: str, to_label_ids, device, progress=True,
+    limits: Limits = DEFAULT_LIMITS,
+) -> int:  # fmt: skip
     from tqdm import tqdm
 
     from cdgcnet.inference import predict_logits
@@ -193,7 +249,7 @@ def predict_folder(
     for path, name in tqdm(
         list(zip(images, names, strict=True)), disable=None if progress else True
     ):
-        rgb = read_image(path)
+        rgb = read_image(path, limits, e.scales)
         x = torch.from_numpy(normalize(rgb))[None].to(device)  # (1, 3, H, W)
         with torch.no_grad():
             pred = predict_logits(model, x, **kwargs).argmax(1)[0].cpu().numpy().astype(np.uint8)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from launch.checkpoint import (
+    CheckpointError,
     CheckpointInfo,
     CheckpointManager,
     load_engine,
@@ -119,14 +120,17 @@ class RunState:
             if not client or "stream" not in client:  # the universal form may drop it
                 client = safe_load(ckpt.path / "mp_rank_00_model_states.pt")
         if client is None:
-            raise RuntimeError(f"{ckpt.path}: DeepSpeed could not load this checkpoint")
+            raise CheckpointError(f"{ckpt.path}: DeepSpeed could not load this checkpoint")
         self.start = int(client["iteration"])
-        if same_world:
-            stream.load_state_dict(client["stream"][self.world.rank])
-            self._rng = client["rng"][self.world.rank]
-        else:
-            # Another world size sees other batches anyway: keep the position, not the order.
-            stream.load_state_dict(client["stream"][0], strict=False)
+        try:
+            if same_world:
+                stream.load_state_dict(client["stream"][self.world.rank])
+                self._rng = client["rng"][self.world.rank]
+            else:
+                # Another world size sees other batches anyway: keep the position, not the order.
+                stream.load_state_dict(client["stream"][0], strict=False)
+        except ValueError as e:  # the data settings changed since the save
+            raise CheckpointError(f"{ckpt.path}: cannot resume its data stream: {e}") from None
         say(self.world, f"resumed from {ckpt.path} at iteration {self.start}")
         return client
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import shlex
 import signal
 import sys
@@ -146,8 +145,10 @@ def check_resume(cfg: TrainConfig, resume: str) -> None:
 def preflight(cfg: TrainConfig, world_size: int, resume: str) -> None:
     """Everything that can be refused before DeepSpeed starts, each as one ConfigError."""
     from launch.ds_config import accumulation_steps, check_zero_stage
+    from launch.resources import check_eval_scales
 
     check_data_root(cfg)
+    check_eval_scales(cfg)
     check_resume(cfg, resume)
     accumulation_steps(cfg, world_size)  # the global batch must divide over this world
     check_zero_stage(cfg, world_size)
@@ -169,13 +170,17 @@ def run(
     world = world_from_env()
     check_nodes(nodes, world)
     preflight(cfg, world.world_size, resume)
-    prepare_accelerator()
-    set_deterministic(cfg.runtime.deterministic)  # before any cuBLAS handle exists
-    quiet_libraries()
-    init_distributed(world, cpu_shm_comm=cfg.runtime.cpu_shm_comm)
-    from launch.trainer import Trainer
+    from launch.run_lock import RunDirClaim
 
-    return Trainer(cfg, world, on_eval=on_eval, hooks=hooks).fit(resume=resume)
+    with RunDirClaim(cfg.runtime.run_dir, world) as claim:  # one writer per run dir
+        prepare_accelerator()
+        set_deterministic(cfg.runtime.deterministic)  # before any cuBLAS handle exists
+        quiet_libraries()
+        init_distributed(world, cpu_shm_comm=cfg.runtime.cpu_shm_comm)
+        claim.confirm()
+        from launch.trainer import Trainer
+
+        return Trainer(cfg, world, on_eval=on_eval, hooks=hooks).fit(resume=resume)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -241,14 +246,13 @@ class Interruption:
 def interrupted_message(cfg: TrainConfig) -> str:
     """One line: the last finished iteration, the checkpoint a rerun resumes from."""
     from launch.checkpoint import newest_intact
+    from launch.train_log import read_jsonl
 
     run_dir = Path(cfg.runtime.run_dir)
     iteration = 0
     log = run_dir / "metrics.jsonl"
-    if log.is_file():
-        lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
-        with contextlib.suppress(ValueError, KeyError):
-            iteration = int(json.loads(lines[-1])["iteration"]) if lines else 0
+    with contextlib.suppress(OSError, IndexError):
+        iteration = read_jsonl(log)[0][-1]["iteration"]
     try:
         # Read on this rank alone: after an interruption the process group may be gone.
         newest = newest_intact(run_dir / "checkpoints")
@@ -302,6 +306,11 @@ def main(argv: Sequence[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
         # Loader workers are stopped with us (the deepspeed launcher signals the whole process
         # tree): their deaths must not raise again at exit (torch's SIGCHLD handler would).
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        from launch.refusal import exit_code
+
+        code = exit_code(e, world)  # a refusal: one line from one rank, exit 2
+        if code is not None:
+            return code
         # After Ctrl-C, whatever a rank meets on the way out (a peer's closed socket, a killed
         # loader worker) is part of the interruption, not a new error.
         if interruption.signum is None and not isinstance(e, KeyboardInterrupt):

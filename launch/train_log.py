@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,26 @@ from launch.distributed import WorldInfo
 from launch.hooks import Hook, StepResult, say
 from launch.tracking import Tracker
 from pipeline.atomic import write_atomic
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """The records of a metrics.jsonl / eval.jsonl (JSON objects with an integer "iteration")
+    and the numbers of the lines that are not (a last line torn by a kill)."""
+    records, torn = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+                ok = isinstance(rec, dict) and type(rec.get("iteration")) is int
+            except ValueError:  # JSONDecodeError, UnicodeDecodeError
+                ok = False
+            if ok:
+                records.append(rec)
+            else:
+                torn.append(number)
+    return records, torn
 
 
 class LoaderWatch:
@@ -114,7 +135,8 @@ class TrainLog(Hook):
             self.tracker.log_text(launch_text, "launch.txt")
 
     def _trim_jsonl(self, start: int) -> None:
-        """Drop records past the resumed iteration (a killed run may have logged further)."""
+        """Drop records past the resumed iteration (a killed run may have logged further), and
+        lines that are not records (the last one torn by a kill), with a warning."""
         for name in ("metrics.jsonl", "eval.jsonl"):
             f = self.run_dir / name
             if not f.exists():
@@ -122,11 +144,16 @@ class TrainLog(Hook):
             if start == 0:
                 f.unlink()
                 continue
-            keep = [
-                ln
-                for ln in f.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["iteration"] <= start
-            ]
+            records, torn = read_jsonl(f)
+            keep = [json.dumps(r) for r in records if r["iteration"] <= start]
+            if torn:
+                lines = ", ".join(map(str, torn[:3])) + (" ..." if len(torn) > 3 else "")
+                print(
+                    f"warning: {f}: dropped {len(torn)} unreadable line(s) (line {lines}: a write "
+                    "cut short by a kill)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             write_atomic(f, "".join(ln + "\n" for ln in keep))
 
     def before_train(self, trainer) -> None:

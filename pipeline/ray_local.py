@@ -68,17 +68,10 @@ def start_local(num_cpus: int, **init_kwargs) -> None:
     import ray
     from ray._private import ray_constants
 
-    mark = f"{os.getpid()}-{secrets.token_hex(6)}"
+    mark = new_mark()
     saved = {k: os.environ.get(k) for k in (LOOPBACK_SWITCH, OWNER_MARK)}
     saved_switch = ray_constants.ENABLE_RAY_CLUSTER
-    _reaper = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.ray_local", "--reap", mark],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,  # a signal to the driver's process group spares it
-        env={k: v for k, v in os.environ.items() if k != OWNER_MARK},
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
+    _reaper = start_reaper(mark)
     os.environ.update({LOOPBACK_SWITCH: "0", OWNER_MARK: mark})
     ray_constants.ENABLE_RAY_CLUSTER = False  # Ray read the switch at import: set its copy too
     try:
@@ -113,14 +106,8 @@ def stop_local() -> None:
 
 def _stop_reaper() -> None:
     global _reaper
-    if _reaper is None:
-        return
-    with contextlib.suppress(OSError):
-        _reaper.stdin.close()
-    try:
-        _reaper.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        _reaper.kill()
+    if _reaper is not None:
+        stop_reaper(_reaper)
     _reaper = None
 
 
@@ -135,6 +122,34 @@ def local_ray(num_cpus: int, **init_kwargs) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- the reaper
+
+
+def new_mark() -> str:
+    """A fresh owner mark for the processes of one service (a Ray cluster, an MLflow server)."""
+    return f"{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def start_reaper(mark: str) -> subprocess.Popen:
+    """A reaper for the processes started with OWNER_MARK=mark in their environment: they end
+    when this process ends, however it ends (even SIGKILL), or at `stop_reaper`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.ray_local", "--reap", mark],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,  # a signal to the driver's process group spares it
+        env={k: v for k, v in os.environ.items() if k != OWNER_MARK},
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+
+
+def stop_reaper(reaper: subprocess.Popen) -> None:
+    """Close the reaper's pipe: it ends what is left of its processes, then itself."""
+    with contextlib.suppress(OSError):
+        reaper.stdin.close()
+    try:
+        reaper.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        reaper.kill()
 
 
 def marked_processes(mark: str) -> list:

@@ -28,13 +28,17 @@ the shards holding that range. Inside a rank, worker w takes the range's samples
 the DataLoader's round-robin then returns them in the global order. Every worker reads the rank's
 shards but only extracts its own members.
 
-Corrupt shards. A tar that cannot be read, a sample missing a member, a sample whose image or
-label does not decode, or a shard that ends before all its manifest keys were seen raises
-ShardError naming the shard (on_corrupt="raise"), or is skipped and counted in ``.skipped``
-(samples not delivered), each skip logged as a warning with its reason and the first reasons kept
-in ``.skip_log`` (on_corrupt="skip"). Checksums are pipeline.verify's job, not the reader's.
-The tar parsing, the sample schema and the size limits (pixels per image, bytes per member,
-checked from headers before anything is decoded) are pipeline.shards'.
+Corrupt shards. A tar that cannot be read, a sample missing a member or holding a member of
+another field, a sample whose image or label does not decode, a training label with ids outside
+the manifest's classes, a shard that ends before all its manifest keys were seen, or a shard
+whose size or sha256 differs from the manifest's raises ShardError naming the shard (and the
+key) (on_corrupt="raise"), or is skipped and counted in ``.skipped`` (samples not delivered),
+each skip logged as a warning with its reason and the first reasons kept in ``.skip_log``
+(on_corrupt="skip"). The size is checked before a shard is opened, the sha256 while it is read:
+a same-size change is found at the shard's end, after its samples were delivered (with "raise"
+the run stops there; with "skip" the warning says the samples were used). The tar parsing, the
+sample schema, the hashing and the size limits (pixels per image, bytes per member, checked
+from headers before anything is decoded) are pipeline.shards'.
 """
 
 from __future__ import annotations
@@ -93,12 +97,18 @@ def read_manifest(split_dir: str | os.PathLike) -> dict:
 class _ShardInfo:
     path: str
     keys: tuple[str, ...]
+    sha256: str | None = None
+    size: int | None = None
 
 
 def _shard_infos(split_dir: str | os.PathLike) -> tuple[dict, list[_ShardInfo]]:
     m = read_manifest(split_dir)
     folder = _manifest.manifest_path(split_dir).parent
-    return m, [_ShardInfo(str(folder / s["name"]), tuple(s["keys"])) for s in m["shards"]]
+    infos = [
+        _ShardInfo(str(folder / s["name"]), tuple(s["keys"]), s["sha256"], s["bytes"])
+        for s in m["shards"]
+    ]
+    return m, infos
 
 
 @dataclass
@@ -153,8 +163,9 @@ def _read_shard(
 
     try:
         for sample in shards.iter_samples(
-            shard.path, limits=limits, keep=lambda key, _: key in want, on_member=note
-        ):
+            shard.path, limits=limits, keep=lambda key, _: key in want, on_member=note,
+            sha256=shard.sha256, size=shard.size,
+        ):  # fmt: skip
             if sample["__key__"] in want:
                 yield sample
                 delivered += 1
@@ -179,7 +190,8 @@ def _read_shard(
         if on_corrupt == "raise":
             raise ShardError(reason) from exn
         # the rest of the shard is lost: count what was wanted and not delivered
-        log.add(max(len(want) - delivered, 0), reason)
+        lost = max(len(want) - delivered, 0)
+        log.add(lost, reason if lost else f"{reason} ({delivered} of its samples were used)")
 
 
 def _imdecode(data: bytes, flags: int) -> np.ndarray | None:
@@ -189,12 +201,15 @@ def _imdecode(data: bytes, flags: int) -> np.ndarray | None:
         return None
 
 
-def decode_sample(sample: dict, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray, np.ndarray]:
+def decode_sample(
+    sample: dict, limits: Limits = DEFAULT_LIMITS, classes: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Raw shard sample -> (image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids).
 
     Raises ShardError naming the shard and the key when a member is missing, an image header
     declares more than ``limits.max_pixels`` (checked before decoding), either does not decode,
-    or they differ in size.
+    they differ in size, or (with ``classes=(num_classes, ignore_index)``) the label holds ids
+    that are neither a class nor the ignore id.
     """
     where = shards.sample_where(sample)
     shards.check_sample(sample, limits)
@@ -211,15 +226,20 @@ def decode_sample(sample: dict, limits: Limits = DEFAULT_LIMITS) -> tuple[np.nda
         )
     if label.shape != image.shape[:2]:
         raise ShardError(f"{where}: image {image.shape[:2]} and label {label.shape} sizes differ")
+    if classes is not None and (bad := shards.foreign_labels(label, *classes)):
+        raise ShardError(
+            f"{where}: {LABEL_FIELD} holds ids {bad[:8]} outside the {classes[0]} classes "
+            f"(0..{classes[0] - 1}, {classes[1]} = ignore) of the manifest"
+        )
     return image, label
 
 
 def _decode_or_skip(
-    sample: dict, on_corrupt: str, log: _SkipLog, limits: Limits
+    sample: dict, on_corrupt: str, log: _SkipLog, limits: Limits, classes=None
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """decode_sample, or None (counted in `log`) for a corrupt sample when skipping."""
     try:
-        return decode_sample(sample, limits)
+        return decode_sample(sample, limits, classes)
     except ShardError as exn:
         if on_corrupt == "raise":
             raise
@@ -268,6 +288,7 @@ class _TrainWorkerStream(IterableDataset):
         self.shuffle_buffer = stream.shuffle_buffer
         self.on_corrupt, self.limits = stream.on_corrupt, stream.limits
         self.label_check = stream.label_check
+        self.classes = (stream.manifest["num_classes"], stream.manifest["ignore_index"])
         self.seed, self.rank, self.epoch = stream.seed, stream.rank, epoch
         self.start_step = start_step
 
@@ -327,7 +348,7 @@ class _TrainWorkerStream(IterableDataset):
         for sample in samples:
             rng = np.random.default_rng([self.seed, self.rank, worker, self.epoch, position])
             position += 1
-            decoded = _decode_or_skip(sample, self.on_corrupt, log, self.limits)
+            decoded = _decode_or_skip(sample, self.on_corrupt, log, self.limits, self.classes)
             if decoded is None:
                 continue
             image, label = self.augment(*decoded, rng)

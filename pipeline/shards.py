@@ -8,7 +8,11 @@ A shard is an uncompressed tar of samples. Sample ``KEY`` is three consecutive m
 
 Keys hold no '.' or '/' (WebDataset splits fields at the first dot). The packer writes with
 `sample_members`, and both the training reader and `pipeline.verify` read with `iter_samples`,
-so the format is stated here once.
+so the format is stated here once. A member of any other field is refused by name, unread.
+
+Integrity. `iter_samples(sha256=...)` hashes the shard while it reads it and raises a ShardError
+at its end when the digest differs from the manifest's (`bytes=` is checked from `stat` before
+reading): the reader's samples come from the shards that were packed and verified.
 
 Limits. A shard is untrusted input: a 3 MB PNG can declare 30000 x 30000 pixels and a member can
 claim gigabytes. `Limits` bounds the bytes of every member (checked from the tar header, before
@@ -20,17 +24,22 @@ about 3 MB) with a wide margin. A violation is a ShardError naming the shard and
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import struct
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+import numpy as np
+
 IMAGE_FIELDS = ("jpg", "png")
 LABEL_FIELD = "label.png"
 META_FIELD = "json"
 META_KEYS = ("key", "image_path", "label_path", "height", "width", "dataset", "split")
+FIELDS = (*IMAGE_FIELDS, LABEL_FIELD, META_FIELD)
 DEFAULT_MAX_PIXELS = 1 << 25  # 33.5 M: 8192 x 4096, 16x a Cityscapes frame
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # 64 MiB, about 20x the largest Cityscapes PNG
 # Fixed tar member fields: the same input gives the same bytes on any machine, any day.
@@ -158,6 +167,13 @@ def sample_where(sample: dict) -> str:
     return f"{sample.get('__shard__', '?')}: sample {sample.get('__key__', '?')}"
 
 
+def foreign_labels(label: np.ndarray, num_classes: int, ignore: int) -> list[int]:
+    """The values of a uint8 train-id label that are neither a class (< num_classes) nor the
+    ignore id, sorted."""
+    counts = np.bincount(label.ravel(), minlength=256)
+    return [v for v in np.flatnonzero(counts).tolist() if v >= num_classes and v != ignore]
+
+
 def check_sample(sample: dict, limits: Limits) -> None:
     """Members complete, headers within the limits: a ShardError naming shard and key if not.
 
@@ -176,22 +192,61 @@ def check_sample(sample: dict, limits: Limits) -> None:
             raise ShardError(f"{where}: {reason}")
 
 
+class _HashingReader:
+    """A file's read(), feeding sha256 with every byte read."""
+
+    def __init__(self, f) -> None:
+        self.f, self.digest = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> str:
+        """Read to the end; the hex digest of the whole file."""
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
 def iter_samples(
     path: str,
     *,
     limits: Limits,
     keep: Callable[[str, str], bool] = lambda key, field: True,
     on_member: Callable[[str], None] | None = None,
+    sha256: str | None = None,
+    size: int | None = None,
 ) -> Iterator[dict]:
     """Raw samples {"__key__", "__shard__", "<field>": bytes} of one shard, in tar order.
 
     Every member is checked before its data is read: a regular file, a flat name (no path
-    traversal), at most `limits.max_member_bytes`. Members for which ``keep(key, field)`` is
-    False are skipped unread (their sample still appears, without that field). `on_member(key)`
-    sees every member's key. Problems are ShardErrors naming the shard (and key); I/O and tar
-    format errors are raised as they come (the caller names them).
+    traversal), one of the format's FIELDS, at most `limits.max_member_bytes`. Members for which
+    ``keep(key, field)`` is False are skipped unread (their sample still appears, without that
+    field). `on_member(key)` sees every member's key. With `size`, the file must have that many
+    bytes (checked before reading); with `sha256`, the file is hashed as it is read and, once
+    the last sample was yielded, must match. Problems are ShardErrors naming the shard (and
+    key); I/O and tar format errors are raised as they come (the caller names them).
     """
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    if size is not None and (found := os.stat(path).st_size) != size:
+        raise ShardError(
+            f"{path}: {found} bytes, the manifest says {size}: the shard changed after packing "
+            "(re-pack it; python -m pipeline.verify checks a whole set)"
+        )
+    with open(path, "rb") as raw:
+        f = _HashingReader(raw)
+        yield from _samples_of_tar(path, f, limits, keep, on_member)
+        if sha256 is not None and (digest := f.drain()) != sha256:
+            raise ShardError(
+                f"{path}: sha256 {digest[:16]}... differs from the manifest's {sha256[:16]}...: "
+                "the shard changed after packing (re-pack it; python -m pipeline.verify checks "
+                "a whole set)"
+            )
+
+
+def _samples_of_tar(path, f, limits, keep, on_member) -> Iterator[dict]:
+    with tarfile.open(fileobj=f, mode="r|") as tar:
         current: dict | None = None
         for member in tar:
             name = member.name
@@ -201,6 +256,11 @@ def iter_samples(
             if reason:
                 raise ShardError(f"{path}: member {name!r} is {reason}")
             key, field = split_member(name)
+            if field not in FIELDS:
+                raise ShardError(
+                    f"{path}: sample {key}: member {name!r} is not a field of the shard format "
+                    f"({', '.join(FIELDS)}); refused unread"
+                )
             if on_member is not None:
                 on_member(key)
             too_big = limits.check_bytes(member.size, f"member {name!r}")

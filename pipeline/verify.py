@@ -97,10 +97,9 @@ def _check_label(key: str, sample: dict, num_classes: int, ignore: int) -> list[
     label = cv2.imdecode(np.frombuffer(sample[LABEL_FIELD], np.uint8), cv2.IMREAD_UNCHANGED)
     if label is None or label.ndim != 2 or label.dtype != np.uint8:
         return [f"sample {key!r}: {LABEL_FIELD} is not a single-channel 8-bit PNG"]
-    values = np.unique(label)
-    bad = values[(values >= num_classes) & (values != ignore)]
-    if bad.size:
-        return [f"sample {key!r}: label values {bad.tolist()[:10]} are not train ids"]
+    bad = shards.foreign_labels(label, num_classes, ignore)
+    if bad:
+        return [f"sample {key!r}: label values {bad[:10]} are not train ids"]
     try:
         meta = json.loads(sample[META_FIELD])
     except ValueError as e:

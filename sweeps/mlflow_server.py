@@ -3,6 +3,11 @@
 Many trials writing to one SQLite file at once can hit "database is locked"; a single
 `mlflow server` process in front of the file serialises the writes. Remote URIs (http://...,
 databricks, ...) are used as given.
+
+The server (and its uvicorn, job runner and huey consumer processes) ends with the sweep driver
+however the driver ends: they carry an owner mark in their environment and a reaper
+(pipeline.ray_local, the one the private Ray clusters use) ends them when the driver's pipe
+closes, also after SIGKILL.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from pipeline.ray_local import OWNER_MARK, new_mark, start_reaper, stop_reaper
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -100,16 +107,22 @@ def tracking_server(uri: str | None, *, startup_timeout_s: float = 120.0) -> Ite
         "--artifacts-destination", str(db.parent / "mlartifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        # A session of its own, so that stopping it also stops its uvicorn/gunicorn workers.
-        server = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=db.parent, start_new_session=True
-        )
+    mark = new_mark()
+    reaper = start_reaper(mark)  # ends the server's processes should this driver die
+    server = None
     try:
+        with open(log_path, "wb") as log:
+            # A session of its own, so that stopping it also stops its uvicorn/gunicorn workers.
+            server = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=db.parent,
+                start_new_session=True, env={**os.environ, OWNER_MARK: mark},
+            )  # fmt: skip
         _wait_healthy(server, url, log_path, startup_timeout_s)
         yield url
     finally:
-        _stop(server)
+        if server is not None:
+            _stop(server)
+        stop_reaper(reaper)
         with contextlib.suppress(OSError):
             log_path.unlink()
 

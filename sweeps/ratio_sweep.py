@@ -21,6 +21,7 @@ from typing import Any
 
 from cdgcnet.cdgc import check_ratio
 from cdgcnet.heads import FUSIONS
+from sweeps import resume_trust
 from sweeps.common import (
     SEARCH_KEYS,
     absolute,
@@ -242,6 +243,8 @@ def run_sweep(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> SweepO
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     cpus = args.cpus_per_trial or (1.0 if args.smoke else 4.0)
     name = sweep_name(args.name, storage, args.resume)
+    if args.resume:  # before any server starts: Tune would unpickle the folder's files
+        resume_trust.check(storage, name)
     print(f"sweep {name!r}: Tune results in {storage / name}")
     check_tracking_reach(args.address, args.tracking_uri)
     with tracking_server(args.tracking_uri) as uri:

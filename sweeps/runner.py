@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sweeps import resume_trust
 from sweeps.common import close_unfinished_children, quiet_tune
 from sweeps.trial import train_trial, train_trial_distributed
 
@@ -153,6 +154,8 @@ def fit(spec: SweepSpec, *, resume: bool = False):
     """
     from ray import tune
 
+    if resume:  # Tune unpickles the folder's files: only one this driver created
+        resume_trust.check(spec.storage, spec.name)
     quiet_tune()
     client = mlflow_client(spec.tracking_uri)
     if not resume and spec.experiment_dir.exists():
@@ -203,6 +206,7 @@ def fit(spec: SweepSpec, *, resume: bool = False):
                     verbose=0,
                 ),
             )
+            resume_trust.record(spec.storage, spec.name)  # Tune wrote tuner.pkl just now
         grid = tuner.fit()
         statuses = trial_statuses(grid)
         if not spec.keep_checkpoints:  # whatever the callbacks could not remove while it ran

@@ -391,12 +391,7 @@ def test_train_truncated_shard_raises_from_worker(split, tmp_path):
 def test_flipped_byte_names_the_shard(split, tmp_path, member):
     """One flipped bit inside a PNG member (its CRC catches it) fails naming shard and key."""
     folder = _copy_split(split[0], tmp_path / "f")
-    path = folder / "toy-train-000002.tar"
-    with tarfile.open(path) as tar:
-        info = tar.getmember(member)
-    data = bytearray(path.read_bytes())
-    data[info.offset_data + info.size // 2] ^= 0x10
-    path.write_bytes(bytes(data))
+    _flip_byte(folder / "toy-train-000002.tar", member)
     with pytest.raises(ShardError, match=r"toy-train-000002\.tar: sample s02_000"):
         list(EvalStream(folder, num_workers=2))
 
@@ -410,6 +405,9 @@ def test_shard_missing_samples_is_detected(split, tmp_path):
     with tarfile.open(path, "w") as tar:
         for m, data in members[:-3]:  # drop the last sample's three members
             tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(ShardError, match=r"toy-train-000003\.tar: \d+ bytes, the manifest says"):
+        list(EvalStream(folder))
+    _rehash(folder)  # a manifest that agrees with the tar's bytes still lists the lost keys
     with pytest.raises(ShardError, match=r"toy-train-000003\.tar: truncated.*s03_003"):
         list(EvalStream(folder))
 
@@ -429,3 +427,78 @@ def test_train_label_check_runs_in_the_workers_and_names_the_sample(split, num_w
     few = partial(validate_labels, num_classes=1, ignore_index=255)
     with pytest.raises(ValueError, match=r"toy-train-00000\d\.tar: sample s\d\d_\d\d\d: target"):
         list(TrainStream(folder, label_check=few, **kw))
+
+
+def _rehash(folder: Path) -> None:
+    """Make the manifest's bytes and sha256 those of the shards as they are now."""
+    m = json.loads((folder / "manifest.json").read_text())
+    for s in m["shards"]:
+        data = (folder / s["name"]).read_bytes()
+        s["bytes"], s["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def _flip_byte(path: Path, member: str) -> None:
+    """Flip one bit in the middle of a member's data (the tar's size stays the same)."""
+    with tarfile.open(path) as tar:
+        info = tar.getmember(member)
+    data = bytearray(path.read_bytes())
+    data[info.offset_data + info.size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_changed_shard_is_refused_by_its_hash_at_its_end(split, tmp_path):
+    """A shard whose bytes no longer hash to the manifest's sha256 (same size, the member
+    still decodes: a JSON byte) trains and evaluates only until its end, then ShardError; with
+    on_corrupt="skip" the warning says its samples were used."""
+    folder = _copy_split(split[0], tmp_path / "h")
+    path = folder / "toy-train-000001.tar"
+    _flip_byte(path, "s01_000.json")
+    with pytest.raises(ShardError, match=r"toy-train-000001\.tar: sha256 \w+\.\.\. differs"):
+        list(EvalStream(folder))
+    stream = EvalStream(folder, on_corrupt="skip")
+    assert len(list(stream)) == 13 and stream.skipped == 0
+    assert "sha256" in stream.skip_log[0] and "3 of its samples were used" in stream.skip_log[0]
+    kw = dict(batch_size=2, crop_size=16, batches_per_epoch=20, shuffle_buffer=2)
+    with pytest.raises(ShardError, match=r"toy-train-000001\.tar: sha256"):
+        list(TrainStream(folder, num_workers=0, **kw))
+
+
+def test_unknown_members_are_refused_by_name_unread(split, tmp_path):
+    folder = _copy_split(split[0], tmp_path / "x")
+    path = folder / "toy-train-000002.tar"
+    with tarfile.open(path, "a") as tar:
+        info = tarfile.TarInfo("s02_000.extra")
+        info.size = 1 << 20
+        tar.addfile(info, io.BytesIO(b"\0" * info.size))
+    _rehash(folder)
+    with pytest.raises(
+        ShardError, match=r"toy-train-000002\.tar: sample s02_000: member 's02_000\.extra' is not"
+    ):
+        list(EvalStream(folder))
+
+
+def test_training_labels_outside_the_classes_name_shard_and_key(tmp_path):
+    folder = tmp_path / "lab"
+    write_split(folder, [2])
+    path = folder / "toy-train-000000.tar"
+    label = np.full((24, 32), 7, np.uint8)  # class 7 of 5
+    members = []
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            data = tar.extractfile(m).read()
+            if m.name == "s00_001.label.png":
+                data = cv2.imencode(".png", label)[1].tobytes()
+                m.size = len(data)
+            members.append((m, data))
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data))
+    _rehash(folder)
+    kw = dict(batch_size=1, crop_size=16, batches_per_epoch=4, shuffle_buffer=1)
+    with pytest.raises(
+        ShardError, match=r"toy-train-000000\.tar: sample s00_001: label\.png holds ids \[7\]"
+    ):
+        list(TrainStream(folder, num_workers=0, **kw))
+    train = TrainStream(folder, num_workers=0, on_corrupt="skip", **kw)
+    assert len(list(train)) == 4 and train.skipped >= 1 and "s00_001" in train.skip_log[0]

@@ -101,17 +101,33 @@ def finished_result(run_dir: str | Path) -> dict | None:
     return last
 
 
-def differences(run_dir: str | Path, cfg: TrainConfig, most: int = 3) -> list[str]:
-    """`key: saved -> given` for fields that decide what is trained and differ between the run
-    in `run_dir` and `cfg` (at most `most`, then `...`)."""
+def _changed(run_dir: str | Path, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """key -> (saved, given) for the fields that decide what is trained and differ between the
+    run in `run_dir` and `cfg`."""
     try:
         saved = trained_fields(json.loads((Path(run_dir) / CONFIG_FILE).read_text()))
     except (OSError, ValueError):
-        return []
+        return {}
     given = trained_fields(json.loads(json.dumps(to_dict(cfg))))  # tuples as lists, like the file
     keys = sorted(k for k in saved.keys() | given.keys() if saved.get(k) != given.get(k))
-    out = [f"{k}: {saved.get(k)!r} -> {given.get(k)!r}" for k in keys[:most]]
-    return [*out, "..."] if len(keys) > most else out
+    return {k: (saved.get(k), given.get(k)) for k in keys}
+
+
+def differences(run_dir: str | Path, cfg: TrainConfig, most: int = 3) -> list[str]:
+    """`key: saved -> given` for fields that decide what is trained and differ between the run
+    in `run_dir` and `cfg` (at most `most`, then `...`)."""
+    changed = _changed(run_dir, cfg)
+    out = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:most]]
+    return [*out, "..."] if len(changed) > most else out
+
+
+def extends(run_dir: str | Path, cfg: TrainConfig) -> bool:
+    """Whether `cfg` is the run in `run_dir` with more iterations and nothing else changed:
+    training it longer resumes from its newest checkpoint (the poly schedule follows the new
+    length from there on)."""
+    changed = _changed(run_dir, cfg)
+    saved, given = changed.get("schedule.iterations", (None, None))
+    return list(changed) == ["schedule.iterations"] and int(given) > int(saved)
 
 
 def complete_or_refuse(cfg: TrainConfig, resume: str, named: bool) -> str | None:
@@ -119,7 +135,8 @@ def complete_or_refuse(cfg: TrainConfig, resume: str, named: bool) -> str | None
     exits 0), None to go on; ConfigError when a new run would land in another run's directory.
 
     - `--resume auto` on a finished run of the same config: complete.
-    - `--resume auto` on a finished run of another config (a directory the user named): refused.
+    - `--resume auto` on a finished run of another config (a directory the user named): refused,
+      unless the only change is more iterations (the run is extended from its newest checkpoint).
     - `--resume none` on a run dir train.py named itself that holds a run: refused (a fresh
       start would overwrite it); in a directory the user named, it starts over as asked.
     """
@@ -135,7 +152,7 @@ def complete_or_refuse(cfg: TrainConfig, resume: str, named: bool) -> str | None
     if resume != "auto":
         return None
     result = finished_result(run_dir)
-    if result is None:
+    if result is None or extends(run_dir, cfg):
         return None
     changed = differences(run_dir, cfg)
     if changed:

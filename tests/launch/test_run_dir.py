@@ -70,6 +70,21 @@ def test_a_finished_run_of_another_config_is_not_continued(tmp_path, capsys) -> 
     assert "optim.lr: 0.05 -> 0.02" in line
 
 
+def test_more_iterations_extend_a_finished_run(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    _finished_run(run_dir)  # 200 iterations
+    longer = load_config("scenes", [f"runtime.run_dir={run_dir}", "schedule.iterations=300"])
+    assert complete_or_refuse(longer, "auto", named=True) is None  # resumes and trains on
+    shorter = load_config("scenes", [f"runtime.run_dir={run_dir}", "schedule.iterations=100"])
+    with pytest.raises(ConfigError, match=r"schedule.iterations: 200 -> 100"):
+        complete_or_refuse(shorter, "auto", named=True)
+    other = load_config(
+        "scenes", [f"runtime.run_dir={run_dir}", "schedule.iterations=300", "optim.lr=0.05"]
+    )
+    with pytest.raises(ConfigError, match="finished run of another config"):
+        complete_or_refuse(other, "auto", named=True)
+
+
 def test_a_run_that_has_not_finished_is_resumed_not_refused(tmp_path) -> None:
     run_dir = tmp_path / "run"
     _finished_run(run_dir, iteration=100)  # evaluated before its last iteration

@@ -11,22 +11,12 @@ import pytest
 from tests.launch.train_utils import args, losses, run, scenes_shards, torchrun_cmd
 
 
+# The refined loss depends on argmax node sets, so reduction-order noise that flips one coarse
+# pixel changes two class graphs: with the earlier per-class path that happened at the third
+# step under "all" (2.7750 vs 2.7719). The fast path agrees for both readings here; a sounder
+# oracle (fixed node sets) is still owed.
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "queries",
-    [
-        "members",
-        pytest.param(
-            "all",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known defect: with queries='all' ZeRO-3's refined loss leaves ZeRO-1/2's "
-                "at the third step (2.7750 vs 2.7719; coarse and aux agree to 1e-6; ZeRO-2 "
-                "equals ZeRO-1 exactly); not yet explained",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("queries", ["members", "all"])
 def test_zero_stage_1_and_3(tmp_path, tmp_path_factory, queries) -> None:
     shards = scenes_shards(tmp_path_factory.getbasetemp())
     got = {}

@@ -43,7 +43,7 @@ bench: venv  ## every benchmark script; JSON under benchmarks/results/ (see benc
 	$(PY) benchmarks/data_pipeline.py --json benchmarks/results/data_pipeline.json
 
 gpu-wheels: venv  ## DeepSpeed, WebDataset and their needs as Python 3.12 manylinux wheels in .whl/ (the GPU lease carries them; benchmarks/README.md)
-	$(PY) benchmarks/gpu_lease.py --build-wheels .whl
+	$(PY) -m lease --build-wheels .whl
 
 lock: venv  ## re-pin constraints.txt from the current .venv
 	$(PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+[a-z0-9]+/\1/' > constraints.txt.new

@@ -1,5 +1,5 @@
 """What a few training steps spend their time on, from torch.profiler: for the GPU lease's
-trainer stage (benchmarks/gpu_lease.py), which adds `StepProbe` to launch/train.py's hooks.
+trainer stage (lease/trainer_run.py), which adds `StepProbe` to launch/train.py's hooks.
 
 The summary answers "host-bound or GPU-bound, and where": the share of the wall time the GPU was
 busy (the union of its kernel, copy and memset intervals), how long the host waited in CUDA

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_lease.py: the CPU dry run writes the files and keys of a GPU lease; the carried
+"""The GPU lease (lease/): the CPU dry run writes the files and keys of a GPU lease; the carried
 wheels are installed only where a package is missing or older; the helpers that read the
 trainer's records and the profiler's op names."""
 
@@ -20,7 +20,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_lease
+from lease.cdgc import cdgc_model_gflop
+from lease.context import DRY, GPU, STAGES, Ctx, parse_trainer_overrides
+from lease.results import LOG, RESULTS, load_results
+from lease.supervisor import stage_cap_s
+from lease.trainer import FROM_SCRATCH, _variant_writer, trainer_variants, versus_plain
+from lease.trainer_run import step_summary
+from lease.wheels import (
+    WHEEL_PACKAGES,
+    _constraint_pins,
+    install_wheels,
+    plan_wheels,
+    prepare_wheels,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,18 +40,18 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow  # about a minute of CPU: two short DeepSpeed runs and the benchmark stages
 def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, "benchmarks/gpu_lease.py", "--dry-run", "--out", str(out)]
+    cmd = [sys.executable, "-m", "lease", "--dry-run", "--out", str(out)]
     cmd += ["--wheels", str(tmp_path / "no_wheels"), "--set", "runtime.seed=1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == [gpu_lease.RESULTS, gpu_lease.LOG]
-    data = json.loads((out / gpu_lease.RESULTS).read_text())
+    assert sorted(p.name for p in out.iterdir()) == [RESULTS, LOG]
+    data = json.loads((out / RESULTS).read_text())
     assert data["lease"]["gpu_rows"] == "not measured (dry run on CPU)"
     assert data["lease"]["wheels"]["status"].startswith("no wheel folder")
     st = data["stages"]
-    assert list(st) == list(gpu_lease.STAGES)
-    assert {name: s["status"] for name, s in st.items()} == dict.fromkeys(gpu_lease.STAGES, "ok")
+    assert list(st) == list(STAGES)
+    assert {name: s["status"] for name, s in st.items()} == dict.fromkeys(STAGES, "ok")
 
     assert st["env"]["device"] == "cpu" and st["env"]["torch"].startswith("2.")
     # Without CUDA every GPU test is collected and skipped, none deselected by mistake.
@@ -47,7 +59,7 @@ def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
     assert len(st["gpu_tests"]["tests"]) >= 10
 
     run, resume = st["trainer"]["run"], st["trainer"]["resume"]
-    n, half = gpu_lease.DRY.iterations, gpu_lease.DRY.iterations // 2
+    n, half = DRY.iterations, DRY.iterations // 2
     assert [r["iteration"] for r in run["iterations"]] == list(range(1, n + 1))
     assert run["status"] == "ok" and run["losses_finite"] and run["step_ms_median"] > 0
     assert [(c["tag"], c["complete"]) for c in run["checkpoints"]] == [
@@ -85,7 +97,7 @@ def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
     assert cdgc["triton"] is (importlib.util.find_spec("triton") is not None)
     recs = cdgc["records"]
     assert [(r["queries"], r["precision"]) for r in recs] == [
-        (c["queries"], c["precision"]) for c in gpu_lease.DRY.cdgc_cases
+        (c["queries"], c["precision"]) for c in DRY.cdgc_cases
     ]
     for r in recs:
         assert r["status"] == "ok" and r["fwd_bwd_ms"] > 0 and r["model_gflop"] > 0, r
@@ -102,14 +114,14 @@ def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
 @pytest.mark.slow  # one DeepSpeed start-up, killed once the first iterations are on disk
 def test_a_kill_keeps_what_was_measured(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, "benchmarks/gpu_lease.py", "--dry-run", "--out", str(out)]
+    cmd = [sys.executable, "-m", "lease", "--dry-run", "--out", str(out)]
     cmd += ["--wheels", str(tmp_path / "no_wheels"), "--only", "trainer"]
     (tmp_path / "tmp").mkdir()  # the script's work folder goes here (TMPDIR), not in /tmp
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path / "tmp"))
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
-    results = out / gpu_lease.RESULTS
+    results = out / RESULTS
     try:
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
@@ -131,13 +143,13 @@ def test_a_kill_keeps_what_was_measured(tmp_path: Path) -> None:
     trainer = data["stages"]["trainer"]
     assert trainer["status"] == "running"
     assert trainer["data"]["samples"] == {
-        "train": gpu_lease.DRY.synth_train,
-        "val": gpu_lease.DRY.synth_val,
+        "train": DRY.synth_train,
+        "val": DRY.synth_val,
     }
     assert trainer["run"]["status"] == "running"
     first = trainer["run"]["iterations"][0]
     assert first["iteration"] == 1 and first["finite"] and first["t_s"] > 0
-    assert sorted(p.name for p in out.iterdir()) == [gpu_lease.RESULTS, gpu_lease.LOG]
+    assert sorted(p.name for p in out.iterdir()) == [RESULTS, LOG]
 
 
 def _processes_naming(path: Path) -> list[str]:
@@ -190,13 +202,13 @@ def test_wheels_are_installed_only_where_missing_or_older(tmp_path: Path) -> Non
     _wheel(wheels, "tqdm", have, {})  # present at the same version: kept
     _wheel(wheels, "packaging", "0.1", {})  # present and newer than the wheel: kept
     newer = _wheel(wheels, "PyYAML", "999.0", {})  # present but older than the wheel
-    install, kept = gpu_lease.plan_wheels(wheels)
+    install, kept = plan_wheels(wheels)
     assert set(install) == {missing, newer}
     assert set(kept) == {"tqdm", "packaging"}
     assert kept["tqdm"] == f"present ({have} >= {have})"
 
     site = tmp_path / "site"
-    gpu_lease.install_wheels([missing], site)
+    install_wheels([missing], site)
     env = dict(os.environ, PYTHONPATH=str(site))
     probe = [sys.executable, "-c", "import lease_probe; print(lease_probe.VALUE)"]
     assert subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip() == "42"
@@ -206,17 +218,17 @@ def test_two_wheels_of_one_package_are_refused(tmp_path: Path) -> None:
     _wheel(tmp_path, "lease_probe", "1.0", {})
     _wheel(tmp_path, "Lease_Probe", "1.1", {})  # the same package, spelled otherwise
     with pytest.raises(SystemExit, match="two wheels of lease-probe"):
-        gpu_lease.plan_wheels(tmp_path)
+        plan_wheels(tmp_path)
 
 
 def test_missing_wheel_folder_says_how_to_build_it(tmp_path: Path) -> None:
-    info = gpu_lease.prepare_wheels(tmp_path / "absent", tmp_path / "site")
+    info = prepare_wheels(tmp_path / "absent", tmp_path / "site")
     assert "make gpu-wheels" in info["status"] and info["site"] is None
 
 
 def test_every_carried_package_is_pinned() -> None:
-    pins = gpu_lease._constraint_pins(gpu_lease.WHEEL_PACKAGES)
-    assert len(pins) == len(gpu_lease.WHEEL_PACKAGES)
+    pins = _constraint_pins(WHEEL_PACKAGES)
+    assert len(pins) == len(WHEEL_PACKAGES)
     assert all("==" in p for p in pins)
 
 
@@ -226,7 +238,7 @@ def test_every_carried_package_is_pinned() -> None:
 def test_step_time_leaves_out_warmup_and_the_step_after_a_save() -> None:
     t = [0.0, 5.0, 5.5, 6.0, 9.0, 9.5]  # iteration 1 at 0 s; iteration 5 follows a 2.5 s save
     rows = [{"iteration": i + 1, "t_s": s, "data_wait_fraction": 0.1 * i} for i, s in enumerate(t)]
-    got = gpu_lease.step_summary(rows, skip={5}, warmup=2)
+    got = step_summary(rows, skip={5}, warmup=2)
     assert got["steps_timed"] == 3  # iterations 3, 4 and 6
     assert got["step_ms_median"] == 500.0 and got["step_ms_max"] == 500.0
     assert got["data_wait_fraction_median"] == 0.35  # iterations 3-6
@@ -240,13 +252,13 @@ def test_cdgc_model_flops_count_each_product_once() -> None:
     nodes[0, 2, 1, 1] = True  # 1 key of class 2: T = 3, K' = 2
     n, t, k, c = 4, 3, 2, 8
     forward = 2 * (2 * n * c * c + t * c * c + 2 * n * t * c + n * k * c * c)
-    assert gpu_lease.cdgc_model_gflop(nodes, c) == pytest.approx(3 * forward / 1e9)
+    assert cdgc_model_gflop(nodes, c) == pytest.approx(3 * forward / 1e9)
 
 
 def test_from_scratch_override_loads_the_paper_preset() -> None:
     from launch.config import check_pretrained, load_config
 
-    cfg = load_config("cityscapes", [gpu_lease.FROM_SCRATCH])
+    cfg = load_config("cityscapes", [FROM_SCRATCH])
     check_pretrained(cfg)  # the paper preset refuses to start without it
     assert cfg.model.pretrained == "none"
 
@@ -255,30 +267,30 @@ def test_trainer_overrides_and_variants(tmp_path: Path) -> None:
     def error(message: str) -> None:
         raise ValueError(message)
 
-    sets, variants = gpu_lease.parse_trainer_overrides(
+    sets, variants = parse_trainer_overrides(
         ["runtime.precision=bf16"], ["model.queries=members", "a.b=1 'c.d=[1, 2]'"], error
     )
     assert sets == ("runtime.precision=bf16",)
     assert variants == (("model.queries=members",), ("a.b=1", "c.d=[1, 2]"))
     with pytest.raises(ValueError, match="'members' is not KEY=VALUE"):
-        gpu_lease.parse_trainer_overrides(None, ["members"], error)
-    ctx = gpu_lease.Ctx(tmp_path, tmp_path, gpu_lease.GPU, False, 0.0, sets, variants)
-    assert gpu_lease.trainer_variants(ctx) == [
+        parse_trainer_overrides(None, ["members"], error)
+    ctx = Ctx(tmp_path, tmp_path, GPU, False, 0.0, sets, variants)
+    assert trainer_variants(ctx) == [
         (*sets, "model.queries=members"),
         (*sets, "a.b=1", "c.d=[1, 2]"),
     ]
-    alone = gpu_lease.Ctx(tmp_path, tmp_path, gpu_lease.GPU, False, 0.0, sets, ())
-    assert gpu_lease.trainer_variants(alone) == [sets]
+    alone = Ctx(tmp_path, tmp_path, GPU, False, 0.0, sets, ())
+    assert trainer_variants(alone) == [sets]
     # Each configuration gets the trainer's cap; the first writes stages.trainer, the rest
     # stages.trainer.variants[].
     args = argparse.Namespace(variant=["x=1", "y=2"])
-    assert gpu_lease.stage_cap_s(gpu_lease.GPU, "trainer", args) == 2 * 200
-    assert gpu_lease.stage_cap_s(gpu_lease.GPU, "trainer", argparse.Namespace(variant=None)) == 200
-    assert gpu_lease.stage_cap_s(gpu_lease.GPU, "cdgc", args) == 75
-    gpu_lease._variant_writer(ctx, 0)({"set": []})
-    gpu_lease._variant_writer(ctx, 2)({"set": ["y=2"]})
-    gpu_lease._variant_writer(ctx, 1)({"set": ["x=1"], "run": {"status": "ok"}})
-    trainer = gpu_lease.load_results(tmp_path)["stages"]["trainer"]
+    assert stage_cap_s(GPU, "trainer", args) == 2 * 200
+    assert stage_cap_s(GPU, "trainer", argparse.Namespace(variant=None)) == 200
+    assert stage_cap_s(GPU, "cdgc", args) == 75
+    _variant_writer(ctx, 0)({"set": []})
+    _variant_writer(ctx, 2)({"set": ["y=2"]})
+    _variant_writer(ctx, 1)({"set": ["x=1"], "run": {"status": "ok"}})
+    trainer = load_results(tmp_path)["stages"]["trainer"]
     assert trainer["set"] == []
     assert trainer["variants"] == [{"set": ["x=1"], "run": {"status": "ok"}}, {"set": ["y=2"]}]
 
@@ -286,13 +298,13 @@ def test_trainer_overrides_and_variants(tmp_path: Path) -> None:
 def test_trainer_against_the_plain_step() -> None:
     run = {"step_ms_median": 60.0, "train_peak_allocated_mb": 7000.0}
     plain = {"step_ms": 50.0, "peak_mem_mb": 5800.0, "device": "cuda"}
-    row = gpu_lease.versus_plain(run, plain, {"gpu_busy_fraction": 0.93})
+    row = versus_plain(run, plain, {"gpu_busy_fraction": 0.93})
     assert row["time_ratio"] == 1.2 and row["time_ok"] is False
     assert row["memory_extra_mb"] == 1200.0 and row["memory_ok"] is True
     assert row["gpu_busy_fraction"] == 0.93
-    cpu = gpu_lease.versus_plain(run, {**plain, "device": "cpu"}, None)
+    cpu = versus_plain(run, {**plain, "device": "cpu"}, None)
     assert cpu["memory_extra_mb"] is None and cpu["memory_ok"] is None
-    assert gpu_lease.versus_plain({}, plain, None)["time_ok"] is None  # the run failed
+    assert versus_plain({}, plain, None)["time_ok"] is None  # the run failed
 
 
 def test_profile_summary_from_device_and_host_events() -> None:

@@ -61,6 +61,9 @@ from lease.wheels import WHEEL_DIR, build_wheels
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The lease, or the wheel build; hidden, the processes the lease starts: one stage's
+    (`--stage NAME --work DIR --deadline T`, lease/stage_process.py) and one trainer run's
+    (`--trainer-child RESULT FIRST:STEPS -- ARGV`, lease/trainer_run.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--trainer-child"]:
         sep = argv.index("--")

@@ -29,7 +29,6 @@ from lease.trainer_run import checkpoints, loss_summary, run_trainer, step_summa
 # No ImageNet file on the machine: random init, said so in the record.
 FROM_SCRATCH = f"model.pretrained={cdgcnet.config.FROM_SCRATCH}"
 
-
 TIME_GOAL = 1.1
 """Issue 18: the trainer's step takes at most this many times the plain step of the network."""
 MEMORY_GOAL_MB = 1536.0
